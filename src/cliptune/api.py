@@ -1,0 +1,103 @@
+"""The three calls of the Python API: finetune, load, evaluate."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from cliptune import config as config_mod
+from cliptune.config import ConfigError, RunConfig, TableSpec, ZeroShotSpec
+from cliptune.data import read_caption_table, read_classification
+from cliptune.eval import evaluate_retrieval, evaluate_zeroshot
+from cliptune.inference import Encoder, load, load_any
+from cliptune.models import ClipModel
+
+DatasetSpec = str | Path | dict[str, Any] | TableSpec | ZeroShotSpec
+
+
+def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """finetune(..., optim={"lr": 1e-4}, name="x") or finetune(..., **{"optim.lr": 1e-4}) as nested data."""
+    nested: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        parts = key.replace("__", ".").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def resolve_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None,
+                   **kwargs: Any) -> RunConfig:
+    if isinstance(source, RunConfig):
+        data = config_mod.to_dict(source)
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        base = config_mod.load(path)  # validates the file on its own, so errors name it
+        data = config_mod.to_dict(base)
+    return config_mod.build(_merge(data, _overrides(kwargs)), overrides)
+
+
+def finetune(config: str | Path | dict[str, Any] | RunConfig, *, resume: bool = False,
+             overrides: list[str] | None = None, callbacks: tuple = (), **kwargs: Any) -> dict[str, Any]:
+    """Fine-tune as the config says; returns results.json's content plus `run_dir`.
+
+    Keyword overrides take nested dicts (`optim={"lr": 1e-4}`) or dotted names (`**{"optim.lr": 1e-4}`);
+    `overrides` takes CLI-style `key=value` strings.
+    """
+    from cliptune.train.loop import build_trainer, fit  # training code is only imported by whoever trains
+
+    _console_logging()
+    cfg = resolve_config(config, overrides, **kwargs)
+    trainer = build_trainer(cfg, resume=resume)
+    results = fit(trainer, callbacks)
+    return {**results, "run_dir": str(trainer.run_dir)}
+
+
+def _dataset(spec: DatasetSpec) -> TableSpec | ZeroShotSpec:
+    if isinstance(spec, (TableSpec, ZeroShotSpec)):
+        return spec
+    if isinstance(spec, dict):
+        zeroshot = "templates" in spec or "classnames" in spec or Path(spec.get("path", "")).is_dir()
+        return config_mod.from_dict(ZeroShotSpec if zeroshot else TableSpec, spec, prefix="dataset")
+    path = Path(spec)
+    if path.is_dir() or path.suffix == ".txt":
+        return ZeroShotSpec(path=str(path))
+    if path.suffix in (".csv", ".tsv", ".jsonl"):
+        return TableSpec(path=str(path))
+    raise ConfigError(f"dataset {str(path)!r}: expected a .csv/.tsv/.jsonl caption table, a class folder or a "
+                      "`path label` .txt list")
+
+
+def evaluate(model: Encoder | ClipModel | str | Path, dataset: DatasetSpec, batch_size: int = 64,
+             precision: str | None = None) -> dict[str, float]:
+    """Retrieval metrics for a caption table, or zero-shot classification metrics for a labelled image set."""
+    encoder = model if isinstance(model, Encoder) else Encoder(load_any(model))
+    precision = precision or encoder.precision
+    spec = _dataset(dataset)
+    if isinstance(spec, TableSpec):
+        return evaluate_retrieval(encoder.model, read_caption_table(spec), batch_size, precision)
+    return evaluate_zeroshot(encoder.model, read_classification(spec), spec.templates, batch_size, precision)
+
+
+def _console_logging() -> None:
+    logger = logging.getLogger("cliptune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # libraries that call logging.basicConfig would print every line twice
+
+
+__all__ = ["evaluate", "finetune", "load", "resolve_config"]

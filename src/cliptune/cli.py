@@ -1,0 +1,148 @@
+"""`cliptune <command>`: a thin command line over the Python API."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from cliptune.config import ConfigError
+
+
+def _train(args: argparse.Namespace) -> int:
+    from cliptune.api import finetune
+
+    results = finetune(args.config, resume=args.resume, overrides=args.overrides)
+    print(_table(results["baseline"], results["final"]))
+    print(f"\nrun directory: {results['run_dir']}  (summary.md, results.json, curves.png, model/)")
+    return 0
+
+
+def _table(baseline: dict, final: dict) -> str:
+    lines = []
+    for name in final or baseline:
+        before, after = baseline.get(name, {}), final.get(name, {})
+        lines.append(f"\n{name:<24}{'baseline':>10}{'final':>10}")
+        for metric in after or before:
+            b, a = before.get(metric), after.get(metric)
+            lines.append(f"  {metric:<22}{_num(b):>10}{_num(a):>10}")
+    return "\n".join(lines)
+
+
+def _num(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def _dataset_arg(args: argparse.Namespace) -> dict:
+    spec = {"path": args.data}
+    if Path(args.data).is_dir() or args.data.endswith(".txt"):
+        if args.templates:
+            spec["templates"] = args.templates
+    else:
+        spec.update(image_key=args.image_key, caption_key=args.caption_key)
+    if args.images_root:
+        spec["images_root"] = args.images_root
+    return spec
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from cliptune.api import evaluate, load
+
+    metrics = evaluate(load(args.model, device=args.device), _dataset_arg(args), batch_size=args.batch_size)
+    text = json.dumps(metrics, indent=2)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+    print(text)
+    return 0
+
+
+def _encode(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from cliptune.api import load
+    from cliptune.config import TableSpec
+    from cliptune.data import read_caption_table
+
+    encoder = load(args.model, device=args.device)
+    if args.images:
+        source = Path(args.images)
+        if source.suffix in (".csv", ".tsv", ".jsonl"):
+            spec = TableSpec(path=args.images, image_key=args.image_key, images_root=args.images_root)
+            items = read_caption_table(spec, require_captions=False).images
+        else:  # a plain list of image paths, one per line
+            items = [line.strip() for line in source.read_text().splitlines() if line.strip()]
+        emb = encoder.encode_images(items, batch_size=args.batch_size)
+    else:
+        texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
+        emb = encoder.encode_texts(texts, batch_size=args.batch_size)
+    np.save(args.out, emb)
+    print(f"wrote {args.out}: {emb.shape[0]} x {emb.shape[1]} float32, L2-normalised")
+    return 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    import open_clip
+
+    from cliptune.models.openclip import TINY_ARCHS
+
+    print("packaged tiny architectures (random init, for tests and smoke runs):")
+    for name in TINY_ARCHS:
+        print(f"  {name}")
+    print("\nOpenCLIP architectures (model.arch), with their pretrained tags (model.pretrained):")
+    for name in open_clip.list_models():
+        if name not in TINY_ARCHS:
+            tags = open_clip.list_pretrained_tags_by_model(name)
+            print(f"  {name}" + (f"  [{', '.join(tags)}]" if tags else ""))
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cliptune", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    train = sub.add_parser("train", help="fine-tune as a YAML config says")
+    train.add_argument("config", help="YAML config (a run's own config.yaml reproduces that run)")
+    train.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4 name=try2")
+    train.add_argument("--resume", action="store_true", help="continue the run in its run directory")
+    train.set_defaults(func=_train)
+
+    for name, func, help_ in (("eval", _eval, "evaluate a run or model spec on a dataset"),
+                              ("encode", _encode, "write embeddings of images or texts to a .npy file")):
+        cmd = sub.add_parser(name, help=help_)
+        cmd.add_argument("--model", required=True, help="run directory, saved model folder, or arch[:tag]")
+        cmd.add_argument("--device", default="auto")
+        cmd.add_argument("--batch-size", type=int, default=64)
+        cmd.add_argument("--image-key", default="image")
+        cmd.add_argument("--caption-key", default="caption")
+        cmd.add_argument("--images-root", default=None)
+        cmd.set_defaults(func=func)
+        if name == "eval":
+            cmd.add_argument("--data", required=True, help="caption table (.csv/.tsv/.jsonl), class folder or list")
+            cmd.add_argument("--templates", nargs="+", default=None, help="zero-shot prompt templates with {}")
+            cmd.add_argument("--out", default=None, help="also write the metrics to this JSON file")
+        else:
+            source = cmd.add_mutually_exclusive_group(required=True)
+            source.add_argument("--images", help="caption table, or a text file with one image path per line")
+            source.add_argument("--texts", help="text file with one text per line")
+            cmd.add_argument("--out", required=True, help="output .npy file")
+
+    sub.add_parser("models", help="list model architectures and pretrained tags").set_defaults(func=_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        print(f"cliptune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("cliptune: interrupted; `cliptune train CONFIG --resume` continues from the last checkpoint",
+              file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

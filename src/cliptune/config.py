@@ -1,0 +1,327 @@
+"""Typed configuration of a whole run: dataclasses, YAML load/dump, dotted overrides and validation.
+
+The dataclasses are the single source of truth: the loader checks every key and value against them before
+any work starts, and the resolved config written into a run directory loads back unchanged.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value a user got wrong; the message names the key, the value and what is allowed."""
+
+
+def _choice(default: str, *choices: str, doc: str = "") -> Any:
+    return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _doc(default: Any = dataclasses.MISSING, doc: str = "", **kw: Any) -> Any:
+    if default is dataclasses.MISSING:
+        return field(metadata={"doc": doc}, **kw)
+    return field(default=default, metadata={"doc": doc}, **kw)
+
+
+@dataclass
+class ModelConfig:
+    arch: str = _doc("cliptune-tiny-vit", "OpenCLIP architecture name (see `cliptune models`)")
+    pretrained: str | None = _doc(None, "OpenCLIP pretrained tag, a local checkpoint file, or null for random init")
+    backend: str = _choice("openclip", "openclip", doc="which model family builds `arch`")
+
+
+@dataclass
+class TableSpec:
+    """An image-caption table (CSV, TSV or JSONL)."""
+
+    path: str = _doc(doc="table file: .csv, .tsv, .jsonl")
+    name: str = _doc("", "name used in metrics and results (defaults to the file stem)")
+    image_key: str = _doc("image", "column holding the image path")
+    caption_key: str = _doc("caption", "column holding one caption or a list of captions")
+    images_root: str | None = _doc(None, "folder image paths are relative to (default: the table's folder)")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = Path(self.path).stem
+
+
+@dataclass
+class ZeroShotSpec:
+    """A labelled image set for zero-shot classification: a folder per class, or a `path label` list file."""
+
+    path: str = _doc(doc="folder with one sub-folder per class, or a list file of `path label` lines")
+    name: str = _doc("", "name used in metrics and results (defaults to the folder or file stem)")
+    images_root: str | None = _doc(None, "folder that list-file paths are relative to (default: the file's folder)")
+    classnames: list[str] | None = _doc(None, "class names in label order (default: folder names / labels)")
+    templates: list[str] = _doc(doc="prompt templates with one `{}` for the class name",
+                                default_factory=lambda: ["a photo of a {}."])
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = Path(self.path).stem
+        for t in self.templates:
+            if "{}" not in t:
+                raise ConfigError(f"eval.zeroshot[{self.name}].templates: {t!r} has no '{{}}' for the class name")
+
+
+@dataclass
+class DataConfig:
+    train: TableSpec | None = _doc(None, "training image-caption table")
+
+
+@dataclass
+class EvalConfig:
+    retrieval: list[TableSpec] = _doc(doc="retrieval sets", default_factory=list)
+    zeroshot: list[ZeroShotSpec] = _doc(doc="zero-shot classification sets", default_factory=list)
+    batch_size: int = _doc(64, "images or captions per forward pass at evaluation")
+
+
+@dataclass
+class FinetuneConfig:
+    lock_image: bool = _doc(False, "freeze the whole image tower")
+    lock_text: bool = _doc(False, "freeze the whole text tower")
+
+
+@dataclass
+class LossConfig:
+    name: str = _choice("clip", "clip", doc="training objective")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _doc(3, "passes over the training table")
+    batch_size: int = _doc(32, "contrastive batch size (images per step)")
+    keep_checkpoints: int = _doc(2, "how many epoch checkpoints to keep (the newest)")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = _doc(1.0e-4, "peak learning rate")
+    weight_decay: float = _doc(0.2, "AdamW weight decay (never on biases, norms, 1-D params, logit_scale)")
+    warmup_steps: int = _doc(10, "linear warm-up steps before the cosine decay")
+    grad_clip: float | None = _doc(5.0, "max global gradient norm; null disables clipping")
+    beta1: float = _doc(0.9, "AdamW beta1")
+    beta2: float = _doc(0.98, "AdamW beta2")
+    eps: float = _doc(1.0e-6, "AdamW epsilon")
+    schedule: str = _choice("cosine", "cosine", "constant", doc="lr after warm-up")
+
+
+@dataclass
+class RuntimeConfig:
+    output_dir: str = _doc("runs", "parent folder of run directories")
+    device: str = _doc("auto", "auto, cpu, cuda or cuda:N")
+    precision: str = _choice("fp32", "fp32", "bf16", doc="bf16 runs the forward pass under autocast")
+    seed: int = _doc(0, "seed for weights, data order, captions drawn and augmentation")
+    workers: int = _doc(0, "data-loader worker processes")
+    log_every: int = _doc(10, "steps between log lines in metrics and TensorBoard")
+    progress: bool = _doc(True, "show a progress bar")
+
+    def __post_init__(self) -> None:
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+            raise ConfigError(f"runtime.device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class RunConfig:
+    name: str = _doc("run", "run directory name under runtime.output_dir")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.runtime.output_dir) / self.name
+
+
+_POSITIVE = {("train", "epochs"), ("train", "batch_size"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
+             ("runtime", "log_every")}
+_NON_NEGATIVE = {("optim", "lr"), ("optim", "weight_decay"), ("optim", "warmup_steps"), ("runtime", "workers")}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building dataclasses from plain data, with a type check at every key
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{key}: {value!r} is not a valid {_type_name(tp)}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        (item_tp,) = typing.get_args(tp)
+        return [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if isinstance(value, str) and tp is TableSpec:
+            value = {"path": value}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
+    names = [f.name for f in dataclasses.fields(cls)]
+    close = difflib.get_close_matches(key, names, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else ""
+    where = f"{prefix}.{key}" if prefix else key
+    return ConfigError(f"unknown config key {where!r}{hint} (allowed: {', '.join(names)})")
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from a nested dict, rejecting unknown keys and ill-typed values."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise _unknown_key(cls, key, prefix)
+        full = f"{prefix}.{key}" if prefix else key
+        coerced = _coerce(value, hints[key], full)
+        choices = fields[key].metadata.get("choices")
+        if choices and coerced not in choices:
+            raise ConfigError(f"{full}: {coerced!r} is not allowed; choose one of {', '.join(choices)}")
+        kwargs[key] = coerced
+    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
+               and f.default_factory is dataclasses.MISSING]
+    if missing:
+        raise ConfigError(f"{prefix or 'config'}: missing required key(s) {', '.join(missing)}")
+    try:
+        return cls(**kwargs)
+    except ConfigError as e:
+        raise ConfigError(f"{prefix}: {e}" if prefix and not str(e).startswith(prefix) else str(e)) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Overrides, validation, load and dump
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply `a.b.c=value` to nested plain data; the value is parsed as YAML and typed later by the dataclass."""
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like key=value, e.g. optim.lr=1e-4")
+    dotted, raw = override.split("=", 1)
+    parts = dotted.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {override!r}: {part!r} is not a section")
+        node = child
+    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _check_ranges(cfg: RunConfig) -> None:
+    for section, key in _POSITIVE | _NON_NEGATIVE:
+        value = getattr(getattr(cfg, section), key)
+        limit_ok = value > 0 if (section, key) in _POSITIVE else value >= 0
+        if not limit_ok:
+            bound = "> 0" if (section, key) in _POSITIVE else ">= 0"
+            raise ConfigError(f"{section}.{key}: {value!r} is not allowed; it must be {bound}")
+    if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
+        raise ConfigError(f"optim.grad_clip: {cfg.optim.grad_clip!r} must be > 0, or null to disable clipping")
+    names = [s.name for s in cfg.eval.retrieval] + [s.name for s in cfg.eval.zeroshot]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ConfigError(f"eval: set name(s) {', '.join(dupes)} used twice; give each set a distinct `name`")
+    if "/" in cfg.name or not cfg.name.strip():
+        raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name without '/'")
+
+
+def build(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
+    """Typed, validated RunConfig from plain data plus dotted overrides."""
+    data = _deepcopy(data or {})
+    for override in overrides or []:
+        apply_override(data, override)
+    cfg = from_dict(RunConfig, data)
+    _check_ranges(cfg)
+    return cfg
+
+
+def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} does not exist")
+    with path.open() as f:
+        data = yaml.safe_load(f) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    try:
+        return build(data, overrides)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def dump(cfg: RunConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _deepcopy(data: Any) -> Any:
+    if isinstance(data, dict):
+        return {k: _deepcopy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deepcopy(v) for v in data]
+    return data

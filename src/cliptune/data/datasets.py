@@ -1,0 +1,108 @@
+"""Torch datasets over checked data: training image-caption pairs and plain image lists for evaluation."""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+
+from cliptune.data.errors import DataError
+from cliptune.data.images import load_rgb
+from cliptune.data.tables import CaptionTable
+
+logger = logging.getLogger("cliptune.data")
+
+Transform = Callable[[Image.Image], torch.Tensor]
+Tokenize = Callable[[list[str]], torch.Tensor]
+Pair = tuple[torch.Tensor, torch.Tensor]
+
+
+class TrainPairs(Dataset):
+    """(image tensor, 1-D token tensor) per image of a table; the caption is drawn from (seed, epoch, index).
+
+    An image that fails to load here (deleted or corrupt since the table was checked) gives `None`, which
+    `collate_skip_none` drops. `failed` holds the paths that failed and `skipped` counts the `None` samples,
+    both in the process that loaded them: with DataLoader workers they stay in the workers, and the main
+    process sees a failure only as a batch shorter than requested.
+    """
+
+    def __init__(self, table: CaptionTable, transform: Transform, tokenize: Tokenize, seed: int) -> None:
+        self.table = table
+        self.transform = transform
+        self.tokenize = tokenize
+        self.seed = seed
+        self.epoch = 0
+        self.failed: set[Path] = set()
+        self.skipped = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch whose captions are drawn; call before iterating (and before workers start)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.table.images)
+
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """The caption drawn for image `index` in `epoch` (default: the current epoch)."""
+        captions = self.table.captions[index]
+        if len(captions) == 1:
+            return captions[0]
+        epoch = self.epoch if epoch is None else epoch
+        # A string seed is hashed with SHA-512 by `random`, never with Python's salted `hash`, so the draw is the
+        # same in every worker process and run, and distinct triples never share a seed by arithmetic accident.
+        rng = random.Random(f"{self.seed}:{epoch}:{index}")
+        return captions[rng.randrange(len(captions))]
+
+    def __getitem__(self, index: int) -> Pair | None:
+        path = self.table.images[index]
+        try:
+            image = load_rgb(path)
+        except Exception as e:  # noqa: BLE001 - any decode/OS error: one bad file must not stop a long run
+            self.skipped += 1
+            if path not in self.failed:
+                self.failed.add(path)
+                logger.warning("%s: could not be loaded (%s); skipping it in training", path, e)
+            return None
+        tokens = self.tokenize([self.caption(index)])
+        return self.transform(image), tokens[0] if tokens.dim() > 1 else tokens
+
+
+def collate_skip_none(batch: Sequence[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:
+    """Stack the non-None samples field by field; None when every sample failed (the caller skips that step).
+
+    The number dropped is `len(batch) - result[0].shape[0]`; in the main process that is
+    `batch_size - images.shape[0]` (exact with `drop_last=True`).
+    """
+    kept = [sample for sample in batch if sample is not None]
+    if not kept:
+        return None
+    return tuple(torch.stack(column) for column in zip(*kept))
+
+
+class ImageFiles(Dataset):
+    """Transformed images from paths (loaded as RGB) or PIL images (passed to `transform` as they are)."""
+
+    def __init__(self, items: Sequence[str | Path | Image.Image], transform: Transform) -> None:
+        self.items = list(items)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        item = self.items[index]
+        if isinstance(item, Image.Image):
+            return self.transform(item)
+        try:
+            image = load_rgb(item)
+        except Exception as e:  # evaluation sets were checked when read, so a failure here means the file changed
+            raise DataError(
+                f"{item}: could not be loaded ({e}); it was readable when the set was read, so it was probably "
+                f"moved, deleted or overwritten since. Restore it, or re-read the set to skip it"
+            ) from e
+        return self.transform(image)

@@ -1,0 +1,210 @@
+"""Reading image-caption tables (CSV, TSV, JSONL) into unique images with all their captions."""
+
+from __future__ import annotations
+
+import csv
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cliptune.config import TableSpec
+from cliptune.data.errors import DataError
+from cliptune.data.images import describe_unreadable, log_skipped, readable_mask
+
+logger = logging.getLogger("cliptune.data")
+
+SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl")
+
+# One data row: (line number in the file, image path as written, captions of that row).
+_Row = tuple[int, str, list[str]]
+
+
+@dataclass
+class CaptionTable:
+    """Unique, usable images in first-appearance order, each with one or more captions."""
+
+    images: list[Path]
+    captions: list[list[str]]
+    skipped: list[Path] = field(default_factory=list)
+    name: str = ""
+    empty_captions: int = 0  # images dropped because none of their captions had any text
+
+    def __post_init__(self) -> None:
+        if len(self.images) != len(self.captions):
+            raise ValueError(f"CaptionTable {self.name!r}: {len(self.images)} images but {len(self.captions)} lists")
+        if any(not caps for caps in self.captions):
+            raise ValueError(f"CaptionTable {self.name!r}: every image needs at least one caption")
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @property
+    def num_captions(self) -> int:
+        return sum(len(caps) for caps in self.captions)
+
+    def flat(self) -> tuple[list[str], list[int]]:
+        """All captions in image order, and for each caption the index of its image (text-to-image targets)."""
+        texts = [c for caps in self.captions for c in caps]
+        text_to_image = [i for i, caps in enumerate(self.captions) for _ in caps]
+        return texts, text_to_image
+
+
+def read_caption_table(spec: TableSpec, check_images: bool = True) -> CaptionTable:
+    """Read the table `spec.path`; with `check_images`, missing or unreadable images are skipped and warned about."""
+    path = Path(spec.path).expanduser()
+    if path.suffix.lower() not in SUPPORTED_SUFFIXES:
+        raise DataError(
+            f"{path}: unsupported table format {path.suffix or '(no suffix)'!r}; "
+            f"use one of {', '.join(SUPPORTED_SUFFIXES)}"
+        )
+    if not path.is_file():
+        raise DataError(f"{path}: table file does not exist; check the `path` of this data set")
+    rows = _read_rows(path, spec)
+    if not rows:
+        raise DataError(
+            f"{path}: the table has no data rows; add rows with columns {spec.image_key!r}, {spec.caption_key!r}"
+        )
+    base = Path(spec.images_root).expanduser() if spec.images_root else path.parent
+    grouped = _group(rows, base)
+    with_text = {img: caps for img, caps in grouped.items() if caps}
+    empty = len(grouped) - len(with_text)
+    if not with_text:
+        raise DataError(
+            f"{path}: all {len(grouped)} images have only empty captions in column "
+            f"{spec.caption_key!r}; check `caption_key` or fill in the captions"
+        )
+    if empty:
+        logger.warning("%s: skipped %d images whose captions are all empty", path, empty)
+    images = list(with_text)
+    skipped: list[Path] = []
+    if check_images:
+        images, skipped = _split_readable(path, images, base)
+    return CaptionTable(
+        images=images, captions=[with_text[p] for p in images], skipped=skipped, name=spec.name, empty_captions=empty
+    )
+
+
+def _split_readable(path: Path, images: list[Path], base: Path) -> tuple[list[Path], list[Path]]:
+    """(readable, skipped) images; a DataError if none can be read, since a set with no images is useless."""
+    mask = readable_mask(images)
+    good = [p for p, ok in zip(images, mask) if ok]
+    bad = [p for p, ok in zip(images, mask) if not ok]
+    if not good:
+        raise DataError(
+            f"{path}: 0 of {len(images)} images could be read; first: {describe_unreadable(bad[0])}. "
+            f"Relative image paths are resolved against {base}; set `images_root` if they live elsewhere"
+        )
+    log_skipped(path, bad, len(images))
+    return good, bad
+
+
+def _group(rows: list[_Row], base: Path) -> dict[Path, list[str]]:
+    """Captions of repeated rows of one image merged, in order; dict order is first appearance."""
+    grouped: dict[Path, list[str]] = {}
+    for _, image, captions in rows:
+        image_path = Path(image).expanduser()
+        if not image_path.is_absolute():
+            image_path = base / image_path
+        grouped.setdefault(image_path, []).extend(captions)
+    return grouped
+
+
+def _read_rows(path: Path, spec: TableSpec) -> list[_Row]:
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return _read_jsonl(path, spec)
+    return _read_delimited(path, spec, "\t" if suffix == ".tsv" else ",")
+
+
+def _missing_column(path: Path, key: str, config_key: str, present: list[str], where: str = "") -> DataError:
+    columns = ", ".join(repr(c) for c in present) or "(none)"
+    return DataError(
+        f"{path}{where}: no column {key!r}; the columns are {columns}. "
+        f"Set `{config_key}` of this data set to the column that holds the "
+        f"{'image paths' if config_key == 'image_key' else 'captions'}"
+    )
+
+
+def _read_delimited(path: Path, spec: TableSpec, delimiter: str) -> list[_Row]:
+    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would otherwise end up in the
+    # first column's name, and then `image` would not be found.
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        header = list(reader.fieldnames or [])
+        if not header:
+            raise DataError(f"{path}: the file is empty; the first line must be a header naming the columns")
+        for key, config_key in ((spec.image_key, "image_key"), (spec.caption_key, "caption_key")):
+            if key not in header:
+                raise _missing_column(path, key, config_key, header)
+        rows = []
+        for record in reader:
+            where = f"{path}, line {reader.line_num}"
+            image = _image_cell(record.get(spec.image_key), where, spec.image_key)
+            rows.append((reader.line_num, image, _text_cell(record.get(spec.caption_key), where, spec.caption_key)))
+    return rows
+
+
+def _read_jsonl(path: Path, spec: TableSpec) -> list[_Row]:
+    rows = []
+    with path.open(encoding="utf-8-sig") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_no}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                    f'JSON object such as {{"{spec.image_key}": ..., "{spec.caption_key}": ...}}'
+                )
+            if not isinstance(record, dict):
+                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+            for key, config_key in ((spec.image_key, "image_key"), (spec.caption_key, "caption_key")):
+                if key not in record:
+                    raise _missing_column(path, key, config_key, list(record), where=f", line {line_no}")
+            image = _image_cell(record[spec.image_key], where, spec.image_key)
+            rows.append((line_no, image, _json_captions(record[spec.caption_key], where, spec.caption_key)))
+    return rows
+
+
+def _image_cell(value: Any, where: str, key: str) -> str:
+    if not isinstance(value, str):
+        kind = "missing" if value is None else f"a {type(value).__name__}"
+        raise DataError(f"{where}, column {key!r}: the image path is {kind}; it must be a path string")
+    if not value.strip():
+        raise DataError(f"{where}, column {key!r}: the image path is empty; fill it in or delete the row")
+    return value.strip()
+
+
+def _text_cell(value: str | None, where: str, key: str) -> list[str]:
+    """Captions of a CSV/TSV cell: one caption, or a JSON list of strings such as `["a dog", "a brown dog"]`."""
+    text = (value or "").strip()
+    if text.startswith("[") and text.endswith("]"):
+        try:
+            parsed = json.loads(text)
+        except json.JSONDecodeError:
+            parsed = None  # a caption that merely looks bracketed, e.g. "[photo] a dog", stays as written
+        if isinstance(parsed, list) and all(isinstance(c, str) for c in parsed):
+            return [c.strip() for c in parsed if c.strip()]
+    return [text] if text else []
+
+
+def _json_captions(value: Any, where: str, key: str) -> list[str]:
+    if isinstance(value, str):
+        return [value.strip()] if value.strip() else []
+    if isinstance(value, list):
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise DataError(
+                    f"{where}, column {key!r}: caption list item {i} is {type(item).__name__} "
+                    f"{item!r}; every caption must be a string"
+                )
+        return [c.strip() for c in value if c.strip()]
+    if value is None:
+        return []
+    raise DataError(
+        f"{where}, column {key!r}: expected a caption string or a list of strings, got {type(value).__name__} {value!r}"
+    )
