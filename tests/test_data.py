@@ -292,7 +292,7 @@ def test_image_files(tmp_path: Path) -> None:
     red = png(tmp_path / "red.png")
     files = ImageFiles([red, Image.new("RGB", (2, 2), (0, 9, 0))], pixel_transform)
     assert len(files) == 2 and files[0].tolist() == [255.0, 0.0, 0.0] and files[1].tolist() == [0.0, 9.0, 0.0]
-    with pytest.raises(DataError, match="gone.png"):
+    with pytest.raises(DataError, match=r"gone\.png"):
         ImageFiles([tmp_path / "gone.png"], pixel_transform)[0]
 
 

@@ -227,7 +227,7 @@ def test_default_keys_and_mean() -> None:
     images, texts, text_to_image = quantised_data(3)
     got = retrieval(images, texts, text_to_image)
     keys = ["t2i_R@1", "t2i_R@5", "t2i_R@10", "i2t_R@1", "i2t_R@5", "i2t_R@10"]
-    assert list(got) == keys + ["mean_recall"]
+    assert list(got) == [*keys, "mean_recall"]
     assert got["mean_recall"] == pytest.approx(sum(got[k] for k in keys) / 6)
     assert all(0.0 <= v <= 100.0 for v in got.values())
 

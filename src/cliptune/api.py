@@ -35,8 +35,9 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def resolve_config(source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None,
-                   **kwargs: Any) -> RunConfig:
+def resolve_config(
+    source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, **kwargs: Any
+) -> RunConfig:
     if isinstance(source, RunConfig):
         data = config_mod.to_dict(source)
     elif isinstance(source, dict):
@@ -48,8 +49,14 @@ def resolve_config(source: str | Path | dict[str, Any] | RunConfig, overrides: l
     return config_mod.build(_merge(data, _overrides(kwargs)), overrides)
 
 
-def finetune(config: str | Path | dict[str, Any] | RunConfig, *, resume: bool = False,
-             overrides: list[str] | None = None, callbacks: tuple = (), **kwargs: Any) -> dict[str, Any]:
+def finetune(
+    config: str | Path | dict[str, Any] | RunConfig,
+    *,
+    resume: bool = False,
+    overrides: list[str] | None = None,
+    callbacks: tuple = (),
+    **kwargs: Any,
+) -> dict[str, Any]:
     """Fine-tune as the config says; returns results.json's content plus `run_dir`.
 
     Keyword overrides take nested dicts (`optim={"lr": 1e-4}`) or dotted names (`**{"optim.lr": 1e-4}`);
@@ -75,12 +82,14 @@ def _dataset(spec: DatasetSpec) -> TableSpec | ZeroShotSpec:
         return ZeroShotSpec(path=str(path))
     if path.suffix in (".csv", ".tsv", ".jsonl"):
         return TableSpec(path=str(path))
-    raise ConfigError(f"dataset {str(path)!r}: expected a .csv/.tsv/.jsonl caption table, a class folder or a "
-                      "`path label` .txt list")
+    raise ConfigError(
+        f"dataset {str(path)!r}: expected a .csv/.tsv/.jsonl caption table, a class folder or a `path label` .txt list"
+    )
 
 
-def evaluate(model: Encoder | ClipModel | str | Path, dataset: DatasetSpec, batch_size: int = 64,
-             precision: str | None = None) -> dict[str, float]:
+def evaluate(
+    model: Encoder | ClipModel | str | Path, dataset: DatasetSpec, batch_size: int = 64, precision: str | None = None
+) -> dict[str, float]:
     """Retrieval metrics for a caption table, or zero-shot classification metrics for a labelled image set."""
     encoder = model if isinstance(model, Encoder) else Encoder(load_any(model))
     precision = precision or encoder.precision

@@ -68,8 +68,10 @@ def _encode(args: argparse.Namespace) -> int:
     if args.images:
         source = Path(args.images)
         if source.suffix in (".csv", ".tsv", ".jsonl"):
-            spec = TableSpec(path=args.images, image_key=args.image_key, images_root=args.images_root)
-            items = read_caption_table(spec, require_captions=False).images
+            spec = TableSpec(
+                path=args.images, image_key=args.image_key, caption_key=args.caption_key, images_root=args.images_root
+            )
+            items = read_caption_table(spec).images
         else:  # a plain list of image paths, one per line
             items = [line.strip() for line in source.read_text().splitlines() if line.strip()]
         emb = encoder.encode_images(items, batch_size=args.batch_size)
@@ -107,8 +109,10 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--resume", action="store_true", help="continue the run in its run directory")
     train.set_defaults(func=_train)
 
-    for name, func, help_ in (("eval", _eval, "evaluate a run or model spec on a dataset"),
-                              ("encode", _encode, "write embeddings of images or texts to a .npy file")):
+    for name, func, help_ in (
+        ("eval", _eval, "evaluate a run or model spec on a dataset"),
+        ("encode", _encode, "write embeddings of images or texts to a .npy file"),
+    ):
         cmd = sub.add_parser(name, help=help_)
         cmd.add_argument("--model", required=True, help="run directory, saved model folder, or arch[:tag]")
         cmd.add_argument("--device", default="auto")
@@ -139,8 +143,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cliptune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("cliptune: interrupted; `cliptune train CONFIG --resume` continues from the last checkpoint",
-              file=sys.stderr)
+        print(
+            "cliptune: interrupted; `cliptune train CONFIG --resume` continues from the last checkpoint",
+            file=sys.stderr,
+        )
         return 130
 
 

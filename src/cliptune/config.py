@@ -32,10 +32,31 @@ def _doc(default: Any = dataclasses.MISSING, doc: str = "", **kw: Any) -> Any:
 
 
 @dataclass
+class TowerConfig:
+    """One pretrained unimodal tower of a composed dual encoder."""
+
+    source: str = _doc(doc="image: timm, torchvision, hf, efficientnet-lite; text: hf, sentence-transformers")
+    name: str = _doc(doc="model name in that library, a hub id, or a local folder")
+    pretrained: bool = _doc(True, "load the tower's pretrained weights (false: random init)")
+    weights: str | None = _doc(None, "local weights file or folder to load instead of the library's download")
+    pooling: str = _choice("mean", "mean", "cls", doc="text towers: mean of token states or the first token")
+
+
+@dataclass
 class ModelConfig:
-    arch: str = _doc("cliptune-tiny-vit", "OpenCLIP architecture name (see `cliptune models`)")
-    pretrained: str | None = _doc(None, "OpenCLIP pretrained tag, a local checkpoint file, or null for random init")
-    backend: str = _choice("openclip", "openclip", doc="which model family builds `arch`")
+    preset: str | None = _doc(None, "a named whole model spec (see `cliptune models`); explicit keys override it")
+    backend: str = _choice("openclip", "openclip", "hf", "composed", doc="which model family builds the model")
+    arch: str = _doc("cliptune-tiny-vit", "openclip: architecture name; hf: hub id or local folder")
+    pretrained: str | None = _doc(None, "openclip: pretrained tag or local checkpoint file; null: random init")
+    image_tower: TowerConfig | None = _doc(None, "composed backend: the image tower")
+    text_tower: TowerConfig | None = _doc(None, "composed backend: the text tower")
+    head: str = _choice("linear", "linear", "mlp", doc="composed backend: projection head of each tower")
+    embed_dim: int = _doc(256, "composed backend: shared embedding size")
+    init_temperature: float = _doc(0.07, "composed backend: initial softmax temperature (logit_scale = log 1/T)")
+
+    def __post_init__(self) -> None:
+        if self.backend == "composed" and (self.image_tower is None or self.text_tower is None):
+            raise ConfigError("model: the composed backend needs both model.image_tower and model.text_tower")
 
 
 @dataclass
@@ -61,8 +82,9 @@ class ZeroShotSpec:
     name: str = _doc("", "name used in metrics and results (defaults to the folder or file stem)")
     images_root: str | None = _doc(None, "folder that list-file paths are relative to (default: the file's folder)")
     classnames: list[str] | None = _doc(None, "class names in label order (default: folder names / labels)")
-    templates: list[str] = _doc(doc="prompt templates with one `{}` for the class name",
-                                default_factory=lambda: ["a photo of a {}."])
+    templates: list[str] = _doc(
+        doc="prompt templates with one `{}` for the class name", default_factory=lambda: ["a photo of a {}."]
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -146,8 +168,13 @@ class RunConfig:
         return Path(self.runtime.output_dir) / self.name
 
 
-_POSITIVE = {("train", "epochs"), ("train", "batch_size"), ("train", "keep_checkpoints"), ("eval", "batch_size"),
-             ("runtime", "log_every")}
+_POSITIVE = {
+    ("train", "epochs"),
+    ("train", "batch_size"),
+    ("train", "keep_checkpoints"),
+    ("eval", "batch_size"),
+    ("runtime", "log_every"),
+}
 _NON_NEGATIVE = {("optim", "lr"), ("optim", "weight_decay"), ("optim", "warmup_steps"), ("runtime", "workers")}
 
 
@@ -235,8 +262,11 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
         if choices and coerced not in choices:
             raise ConfigError(f"{full}: {coerced!r} is not allowed; choose one of {', '.join(choices)}")
         kwargs[key] = coerced
-    missing = [n for n, f in fields.items() if n not in kwargs and f.default is dataclasses.MISSING
-               and f.default_factory is dataclasses.MISSING]
+    missing = [
+        n
+        for n, f in fields.items()
+        if n not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
     if missing:
         raise ConfigError(f"{prefix or 'config'}: missing required key(s) {', '.join(missing)}")
     try:
@@ -291,11 +321,34 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name without '/'")
 
 
+def _expand_preset(data: dict[str, Any]) -> None:
+    """Fill the model section from its preset; keys the user wrote win over the preset's."""
+    model = data.get("model")
+    if not isinstance(model, dict) or not model.get("preset"):
+        return
+    from cliptune.models.presets import PRESETS  # plain data, no torch
+
+    name = model["preset"]
+    if name not in PRESETS:
+        close = difflib.get_close_matches(str(name), list(PRESETS), n=3, cutoff=0.4)
+        hint = f"; did you mean {', '.join(close)}?" if close else ""
+        raise ConfigError(f"model.preset: {name!r} is not a preset{hint} (presets: {', '.join(PRESETS)})")
+    data["model"] = _merge(_deepcopy(PRESETS[name]), model)
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    for key, value in extra.items():
+        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
+        base[key] = _merge(base[key], value) if both_dicts else value
+    return base
+
+
 def build(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
     """Typed, validated RunConfig from plain data plus dotted overrides."""
     data = _deepcopy(data or {})
     for override in overrides or []:
         apply_override(data, override)
+    _expand_preset(data)
     cfg = from_dict(RunConfig, data)
     _check_ranges(cfg)
     return cfg

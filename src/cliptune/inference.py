@@ -14,8 +14,11 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cliptune.config import ModelConfig
+from cliptune.config import build as build_config
 from cliptune.eval.encode import encode_images, encode_texts
 from cliptune.models import ClipModel, ModelError, build_model, load_model, rebuild
+from cliptune.models.presets import PRESETS
 
 ImageInput = str | Path | Image.Image
 
@@ -47,20 +50,22 @@ def _from_run_dir(folder: Path) -> ClipModel:
 
     # An interrupted run has no final model yet: fall back to its newest epoch checkpoint.
     latest = folder / "checkpoints" / "latest"
-    spec = folder / "model_spec.json"
-    if latest.is_file() and spec.is_file():
-        model = rebuild(json.loads(spec.read_text()))
+    assets = folder / "model_assets"
+    if latest.is_file() and (assets / "model.json").is_file():
+        model = rebuild(json.loads((assets / "model.json").read_text()), assets)
         model.load_state_dict(load_file(str(folder / "checkpoints" / latest.read_text().strip() / "model.safetensors")))
         return model.eval()
     raise ModelError(f"{folder} is not a run directory or saved model (no model/model.json, no checkpoint)")
 
 
-def parse_model_spec(spec: str | dict[str, Any]) -> dict[str, Any]:
-    """`arch`, `arch:tag`, `arch:/path/to/checkpoint` or a dict like the config's `model` section."""
+def parse_model_spec(spec: str | dict[str, Any]) -> ModelConfig:
+    """A preset name, `arch`, `arch:tag`, `arch:/path/to/checkpoint`, or a dict like the config's `model` section."""
     if isinstance(spec, dict):
-        return {"backend": "openclip", "pretrained": None, **spec}
+        return build_config({"model": spec}).model
+    if spec in PRESETS:
+        return build_config({"model": {"preset": spec}}).model
     arch, _, pretrained = spec.partition(":")
-    return {"backend": "openclip", "arch": arch, "pretrained": pretrained or None}
+    return build_config({"model": {"arch": arch, "pretrained": pretrained or None}}).model
 
 
 def load_any(spec: str | Path | dict[str, Any] | ClipModel) -> ClipModel:
@@ -68,7 +73,7 @@ def load_any(spec: str | Path | dict[str, Any] | ClipModel) -> ClipModel:
         return spec
     if isinstance(spec, (str, Path)) and Path(spec).expanduser().is_dir():
         return _from_run_dir(Path(spec).expanduser())
-    return build_model(**parse_model_spec(spec if isinstance(spec, dict) else str(spec))).eval()
+    return build_model(parse_model_spec(spec if isinstance(spec, dict) else str(spec))).eval()
 
 
 def load(spec: str | Path | dict[str, Any], device: str = "auto", precision: str = "fp32") -> Encoder:

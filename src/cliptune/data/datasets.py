@@ -62,7 +62,7 @@ class TrainPairs(Dataset):
         path = self.table.images[index]
         try:
             image = load_rgb(path)
-        except Exception as e:  # noqa: BLE001 - any decode/OS error: one bad file must not stop a long run
+        except Exception as e:
             self.skipped += 1
             if path not in self.failed:
                 self.failed.add(path)

@@ -48,7 +48,7 @@ def is_readable(path: str | Path) -> bool:
         with Image.open(path) as image:
             image.verify()
         return True
-    except Exception:  # noqa: BLE001 - PIL raises OSError, SyntaxError, ValueError, struct.error, bomb errors...
+    except Exception:
         return False
 
 

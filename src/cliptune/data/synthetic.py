@@ -9,8 +9,14 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-COLOURS = {"red": (220, 30, 30), "green": (30, 170, 60), "blue": (30, 70, 220), "yellow": (240, 210, 20),
-           "purple": (140, 40, 170), "black": (20, 20, 20)}
+COLOURS = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 60),
+    "blue": (30, 70, 220),
+    "yellow": (240, 210, 20),
+    "purple": (140, 40, 170),
+    "black": (20, 20, 20),
+}
 SHAPES = ("circle", "square", "triangle")
 SIZES = {"small": 0.3, "big": 0.8}
 
@@ -35,8 +41,9 @@ def _captions(shape: str, colour: str, size: str) -> list[str]:
     return [f"a {size} {colour} {shape}", f"a {colour} {shape} on a white background", f"{colour} {shape}"]
 
 
-def make_shapes(out_dir: str | Path, n_train: int = 240, n_val: int = 60, image_size: int = 64,
-                seed: int = 0) -> dict[str, Path]:
+def make_shapes(
+    out_dir: str | Path, n_train: int = 240, n_val: int = 60, image_size: int = 64, seed: int = 0
+) -> dict[str, Path]:
     """Write images/, train.csv and val.csv (captions as a JSON list column) under `out_dir`."""
     out_dir = Path(out_dir)
     (out_dir / "images").mkdir(parents=True, exist_ok=True)

@@ -159,7 +159,7 @@ def _read_jsonl(path: Path, spec: TableSpec) -> list[_Row]:
                 raise DataError(
                     f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
                     f'JSON object such as {{"{spec.image_key}": ..., "{spec.caption_key}": ...}}'
-                )
+                ) from None
             if not isinstance(record, dict):
                 raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
             for key, config_key in ((spec.image_key, "image_key"), (spec.caption_key, "caption_key")):

@@ -48,7 +48,9 @@ def encode_images(
 
 
 @torch.no_grad()
-def encode_texts(model: ClipModel, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32") -> torch.Tensor:
+def encode_texts(
+    model: ClipModel, texts: Sequence[str], batch_size: int = 256, precision: str = "fp32"
+) -> torch.Tensor:
     """(N, D) float32 CPU tensor of normalised caption embeddings, in input order."""
     device = model_device(model)
     was_training = model.training

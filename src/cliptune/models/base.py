@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -46,6 +47,9 @@ class ClipModel(nn.Module):
 
     def spec(self) -> dict[str, Any]:
         raise NotImplementedError
+
+    def save_assets(self, folder: Path) -> None:
+        """Write what rebuilding needs besides `spec()` and the weights (tokenizer files, tower configs)."""
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens)

@@ -26,6 +26,7 @@ def save_model(model: ClipModel, folder: str | Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     with atomic_write(folder / WEIGHTS_FILE) as tmp:
         save_file(state_for_saving(model), str(tmp))
+    model.save_assets(folder)
     with atomic_write(folder / SPEC_FILE) as tmp:
         tmp.write_text(json.dumps(model.spec(), indent=2))
     return folder
@@ -38,6 +39,6 @@ def load_model(folder: str | Path) -> ClipModel:
     spec_path, weights_path = folder / SPEC_FILE, folder / WEIGHTS_FILE
     if not spec_path.is_file() or not weights_path.is_file():
         raise ModelError(f"{folder} holds no saved model: expected {SPEC_FILE} and {WEIGHTS_FILE} there")
-    model = rebuild(json.loads(spec_path.read_text()))
+    model = rebuild(json.loads(spec_path.read_text()), folder)
     model.load_state_dict(load_file(str(weights_path)))
     return model.eval()

@@ -14,6 +14,7 @@ import torch
 from open_clip.transformer import QuickGELU
 from torch import nn
 
+from cliptune.config import ModelConfig
 from cliptune.models.base import ClipModel, Tower
 from cliptune.models.errors import ModelError
 
@@ -98,18 +99,29 @@ def _check_pretrained(arch: str, pretrained: str | None) -> None:
     raise ModelError(f"model.pretrained: {pretrained!r} is neither a file nor a pretrained tag ({known}).")
 
 
-def build(arch: str, pretrained: str | None = None, **spec: Any) -> OpenClipModel:
-    """Build an OpenCLIP model; `spec` carries what a saved model needs to be rebuilt exactly without downloads."""
+def build(cfg: ModelConfig) -> OpenClipModel:
+    return create(cfg.arch, cfg.pretrained)
+
+
+def rebuild(spec: dict[str, Any], folder: Path | None = None) -> OpenClipModel:
+    """The architecture a saved `spec()` describes, random-initialised: the saved weights are loaded after."""
+    return create(spec["arch"], None, quick_gelu=spec.get("quick_gelu", False), preprocess=spec.get("preprocess"))
+
+
+def create(
+    arch: str, pretrained: str | None, quick_gelu: bool = False, preprocess: dict | None = None
+) -> OpenClipModel:
+    """An OpenCLIP model; `quick_gelu` and `preprocess` carry what a tag set, so a saved model rebuilds exactly."""
     _check_arch(arch)
     _check_pretrained(arch, pretrained)
-    pre = spec.get("preprocess", {})
+    pre = preprocess or {}
     kwargs = dict(
         image_mean=pre.get("mean"),
         image_std=pre.get("std"),
         image_interpolation=pre.get("interpolation"),
         image_resize_mode=pre.get("resize_mode"),
     )
-    if spec.get("quick_gelu"):
+    if quick_gelu:
         kwargs["force_quick_gelu"] = True
     try:
         # open_clip warns on the root logger that a model without `pretrained` is random: that is what was asked.

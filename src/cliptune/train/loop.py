@@ -112,12 +112,14 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
 
 
 def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool) -> ClipModel:
-    spec_file = run_dir / "model_spec.json"
-    if resuming and spec_file.is_file():
+    assets = run_dir / "model_assets"
+    if resuming and (assets / "model.json").is_file():
         # The checkpoint holds every weight: rebuild the architecture without fetching pretrained weights again.
-        return rebuild(json.loads(spec_file.read_text()))
-    model = build_model(cfg.model.backend, cfg.model.arch, cfg.model.pretrained)
-    spec_file.write_text(json.dumps(model.spec(), indent=2))
+        return rebuild(json.loads((assets / "model.json").read_text()), assets)
+    model = build_model(cfg.model)
+    assets.mkdir(parents=True, exist_ok=True)
+    model.save_assets(assets)
+    (assets / "model.json").write_text(json.dumps(model.spec(), indent=2))
     return model
 
 
@@ -132,7 +134,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     seed_everything(cfg.runtime.seed)
     model = _build_model(cfg, cfg.run_dir, checkpoint is not None)
     locked = apply_locking(model, cfg.finetune)
-    state, rest = (load_checkpoint(checkpoint, model) if checkpoint else (TrainState(), {}))
+    state, rest = load_checkpoint(checkpoint, model) if checkpoint else (TrainState(), {})
     model.to(device)
     optimizer = build_optimizer(model, cfg.optim)
     steps_per_epoch = len(_loader(cfg, train_table, model, epoch=0))
@@ -143,8 +145,21 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):
             truncate_after(path, state.epoch)
         log.info("resumed from %s (epoch %d, step %d)", checkpoint, state.epoch, state.step)
-    return Trainer(cfg, cfg.run_dir, model, locked, device, train_table, suite, optimizer, scheduler,
-                   steps_per_epoch, state, RunLog(cfg.run_dir), rest.get("skipped_samples", 0))
+    return Trainer(
+        cfg,
+        cfg.run_dir,
+        model,
+        locked,
+        device,
+        train_table,
+        suite,
+        optimizer,
+        scheduler,
+        steps_per_epoch,
+        state,
+        RunLog(cfg.run_dir),
+        rest.get("skipped_samples", 0),
+    )
 
 
 def _loader(cfg: RunConfig, table: CaptionTable, model: ClipModel, epoch: int) -> DataLoader:
@@ -216,8 +231,13 @@ def _batches(trainer: Trainer, epoch: int) -> Iterator[tuple[torch.Tensor, torch
 def train_epoch(trainer: Trainer, epoch: int) -> None:
     cfg = trainer.cfg
     set_train_mode(trainer.model, trainer.locked)
-    bar = tqdm(total=trainer.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-               disable=not cfg.runtime.progress, dynamic_ncols=True, leave=True)
+    bar = tqdm(
+        total=trainer.steps_per_epoch,
+        desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
+        disable=not cfg.runtime.progress,
+        dynamic_ncols=True,
+        leave=True,
+    )
     started, seen = time.perf_counter(), 0
     for images, tokens in _batches(trainer, epoch):
         loss = train_step(trainer, images, tokens)
@@ -227,9 +247,16 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
         bar.update()
         if trainer.state.step % cfg.runtime.log_every == 0 or trainer.state.step == trainer.total_steps:
-            trainer.log.train_step({"step": trainer.state.step, "epoch": epoch + 1, "loss": loss, "lr": lr,
-                                    "logit_scale": math.exp(trainer.model.logit_scale.item()),
-                                    "samples_per_s": rate})
+            trainer.log.train_step(
+                {
+                    "step": trainer.state.step,
+                    "epoch": epoch + 1,
+                    "loss": loss,
+                    "lr": lr,
+                    "logit_scale": math.exp(trainer.model.logit_scale.item()),
+                    "samples_per_s": rate,
+                }
+            )
     bar.close()
 
 
@@ -246,8 +273,12 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
     """Baseline evaluation, then epochs of training, each followed by evaluation and an atomic checkpoint."""
     cfg = trainer.cfg
     log.info("run directory: %s", trainer.run_dir)
-    log.info("train: %d images, %d captions; %d steps per epoch", len(trainer.train_table.images),
-             trainer.train_table.num_captions, trainer.steps_per_epoch)
+    log.info(
+        "train: %d images, %d captions; %d steps per epoch",
+        len(trainer.train_table.images),
+        trainer.train_table.num_captions,
+        trainer.steps_per_epoch,
+    )
     log.info("trainable parameters:\n%s", trainable_summary(trainer.model))
     started = time.perf_counter()
     if trainer.state.epoch == 0 and trainer.suite:
@@ -257,9 +288,14 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
         trainer.state.epoch = epoch + 1
         if trainer.suite:
             evaluate(trainer)
-        extra = {"optimizer": trainer.optimizer.state_dict(), "scheduler": trainer.scheduler.state_dict(),
-                 "skipped_samples": trainer.skipped_samples}
-        save_checkpoint(trainer.run_dir / "checkpoints", trainer.model, extra, trainer.state, cfg.train.keep_checkpoints)
+        extra = {
+            "optimizer": trainer.optimizer.state_dict(),
+            "scheduler": trainer.scheduler.state_dict(),
+            "skipped_samples": trainer.skipped_samples,
+        }
+        save_checkpoint(
+            trainer.run_dir / "checkpoints", trainer.model, extra, trainer.state, cfg.train.keep_checkpoints
+        )
         for callback in callbacks:
             callback(trainer)
     save_model(trainer.model, trainer.run_dir / "model")
@@ -269,7 +305,16 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
 
 def _run_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
     table = trainer.train_table
-    return {"run": {"steps": trainer.state.step, "epochs": trainer.state.epoch, "train_images": len(table.images),
-                    "train_captions": table.num_captions, "skipped_images": len(table.skipped),
-                    "skipped_samples": trainer.skipped_samples, "seconds_this_session": round(seconds, 1),
-                    "device": str(trainer.device), "precision": trainer.cfg.runtime.precision}}
+    return {
+        "run": {
+            "steps": trainer.state.step,
+            "epochs": trainer.state.epoch,
+            "train_images": len(table.images),
+            "train_captions": table.num_captions,
+            "skipped_images": len(table.skipped),
+            "skipped_samples": trainer.skipped_samples,
+            "seconds_this_session": round(seconds, 1),
+            "device": str(trainer.device),
+            "precision": trainer.cfg.runtime.precision,
+        }
+    }

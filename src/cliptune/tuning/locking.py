@@ -32,7 +32,9 @@ def trainable_summary(model: ClipModel) -> str:
         if total:
             lines.append(_line(tower, sum(p.numel() for p in params if p.requires_grad), total))
     everything = list(model.parameters())
-    lines.append(_line("all", sum(p.numel() for p in everything if p.requires_grad), sum(p.numel() for p in everything)))
+    lines.append(
+        _line("all", sum(p.numel() for p in everything if p.requires_grad), sum(p.numel() for p in everything))
+    )
     return "\n".join(lines)
 
 
