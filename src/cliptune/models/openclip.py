@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import json
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -70,12 +71,13 @@ class OpenClipModel(ClipModel):
 
     def spec(self) -> dict[str, Any]:
         uses_quick_gelu = any(isinstance(m, QuickGELU) for m in self.model.modules())
-        return {
+        spec = {
             "backend": self.backend,
             "arch": self.arch,
             "quick_gelu": uses_quick_gelu,
             "preprocess": dict(self.model.visual.preprocess_cfg),
         }
+        return json.loads(json.dumps(spec))  # tuples -> lists: the spec equals what model.json reads back
 
 
 def _check_arch(arch: str) -> None:
@@ -129,11 +131,14 @@ def create(
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(
                 arch, pretrained=str(Path(pretrained).expanduser()) if _is_file(pretrained) else pretrained, **kwargs
             )
-    except OSError as e:  # hub downloads raise OSError subclasses (connection, missing cache) when offline
+    except (OSError, RuntimeError) as e:
+        # Offline, open_clip raises OSError subclasses or a RuntimeError("Failed to download ...").
+        if isinstance(e, RuntimeError) and "download" not in str(e).lower():
+            raise
         raise ModelError(
-            f"could not fetch pretrained weights {arch}:{pretrained} ({type(e).__name__}: {e}). The model hub is "
-            "unreachable from here: download the checkpoint where you are online and set model.pretrained to the "
-            "local file path."
+            f"could not fetch pretrained weights {arch}:{pretrained}: the model hub is unreachable from here "
+            f"({type(e).__name__}). Download the checkpoint where you are online and set model.pretrained to the "
+            "local file path (or set HF_HUB_OFFLINE=1 to fail fast when a cached copy is expected)."
         ) from e
     return OpenClipModel(arch, model, train_tf, eval_tf)
 

@@ -1,0 +1,22 @@
+"""Shared fixtures: no test reaches the network, and the generated image-caption set."""
+
+import pytest
+
+from cliptune.data.synthetic import make_shapes
+
+
+@pytest.fixture
+def offline_hub(monkeypatch):
+    """Make Hugging Face hub calls fail at once, as they do on a machine with no hub access (no retry waits)."""
+    import huggingface_hub.constants
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="session")
+def shapes(tmp_path_factory):
+    """The coloured-shapes set: images/, train.csv, val.csv."""
+    root = tmp_path_factory.mktemp("shapes")
+    make_shapes(root, n_train=96, n_val=32, image_size=32)
+    return root
