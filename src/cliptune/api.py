@@ -9,7 +9,7 @@ from typing import Any
 from cliptune import config as config_mod
 from cliptune.config import ConfigError, RunConfig, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
-from cliptune.eval import evaluate_retrieval, evaluate_zeroshot
+from cliptune.eval import Encoding, evaluate_retrieval, evaluate_zeroshot
 from cliptune.inference import Encoder, load, load_any
 from cliptune.models import ClipModel
 
@@ -92,11 +92,11 @@ def evaluate(
 ) -> dict[str, float]:
     """Retrieval metrics for a caption table, or zero-shot classification metrics for a labelled image set."""
     encoder = model if isinstance(model, Encoder) else Encoder(load_any(model))
-    precision = precision or encoder.precision
+    encoding = Encoding(encoder.model, precision or encoder.precision, batch_size)
     spec = _dataset(dataset)
     if isinstance(spec, TableSpec):
-        return evaluate_retrieval(encoder.model, read_caption_table(spec), batch_size, precision)
-    return evaluate_zeroshot(encoder.model, read_classification(spec), spec.templates, batch_size, precision)
+        return evaluate_retrieval(encoding, read_caption_table(spec))
+    return evaluate_zeroshot(encoding, read_classification(spec), spec.templates)
 
 
 def _console_logging() -> None:

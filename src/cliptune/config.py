@@ -122,6 +122,9 @@ class TrainConfig:
     epochs: int = _doc(3, "passes over the training table")
     batch_size: int = _doc(32, "contrastive batch size (images per step)")
     keep_checkpoints: int = _doc(2, "how many epoch checkpoints to keep (the newest)")
+    cache_locked: bool = _doc(
+        True, "run each input through a locked tower once and reuse its output (that tower sees no augmentation)"
+    )
 
 
 @dataclass

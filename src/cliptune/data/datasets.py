@@ -25,14 +25,30 @@ Pair = tuple[torch.Tensor, torch.Tensor]
 class TrainPairs(Dataset):
     """(image tensor, 1-D token tensor) per image of a table; the caption is drawn from (seed, epoch, index).
 
+    With `image_features` ([images, F]) or `text_features` ([captions in `table.flat()` order, F]) given, the
+    sample holds that precomputed row instead: what a locked tower produced once, reused every epoch.
+
     An image that fails to load here (deleted or corrupt since the table was checked) gives `None`, which
     `collate_skip_none` drops. `failed` holds the paths that failed and `skipped` counts the `None` samples,
     both in the process that loaded them: with DataLoader workers they stay in the workers, and the main
     process sees a failure only as a batch shorter than requested.
     """
 
-    def __init__(self, table: CaptionTable, transform: Transform, tokenize: Tokenize, seed: int) -> None:
+    def __init__(
+        self,
+        table: CaptionTable,
+        transform: Transform,
+        tokenize: Tokenize,
+        seed: int,
+        image_features: torch.Tensor | None = None,
+        text_features: torch.Tensor | None = None,
+    ) -> None:
         self.table = table
+        self.image_features = image_features
+        self.text_features = text_features
+        self.caption_offsets = [0]
+        for captions in table.captions[:-1]:
+            self.caption_offsets.append(self.caption_offsets[-1] + len(captions))
         self.transform = transform
         self.tokenize = tokenize
         self.seed = seed
@@ -47,18 +63,29 @@ class TrainPairs(Dataset):
     def __len__(self) -> int:
         return len(self.table.images)
 
-    def caption(self, index: int, epoch: int | None = None) -> str:
-        """The caption drawn for image `index` in `epoch` (default: the current epoch)."""
-        captions = self.table.captions[index]
-        if len(captions) == 1:
-            return captions[0]
+    def caption_index(self, index: int, epoch: int | None = None) -> int:
+        """Which caption of image `index` is drawn in `epoch` (default: the current epoch)."""
+        count = len(self.table.captions[index])
+        if count == 1:
+            return 0
         epoch = self.epoch if epoch is None else epoch
         # A string seed is hashed with SHA-512 by `random`, never with Python's salted `hash`, so the draw is the
         # same in every worker process and run, and distinct triples never share a seed by arithmetic accident.
-        rng = random.Random(f"{self.seed}:{epoch}:{index}")
-        return captions[rng.randrange(len(captions))]
+        return random.Random(f"{self.seed}:{epoch}:{index}").randrange(count)
+
+    def caption(self, index: int, epoch: int | None = None) -> str:
+        """The caption drawn for image `index` in `epoch` (default: the current epoch)."""
+        return self.table.captions[index][self.caption_index(index, epoch)]
+
+    def _text(self, index: int) -> torch.Tensor:
+        if self.text_features is not None:
+            return self.text_features[self.caption_offsets[index] + self.caption_index(index)]
+        tokens = self.tokenize([self.caption(index)])
+        return tokens[0] if tokens.dim() > 1 else tokens
 
     def __getitem__(self, index: int) -> Pair | None:
+        if self.image_features is not None:
+            return self.image_features[index], self._text(index)
         path = self.table.images[index]
         try:
             image = load_rgb(path)
@@ -68,8 +95,7 @@ class TrainPairs(Dataset):
                 self.failed.add(path)
                 logger.warning("%s: could not be loaded (%s); skipping it in training", path, e)
             return None
-        tokens = self.tokenize([self.caption(index)])
-        return self.transform(image), tokens[0] if tokens.dim() > 1 else tokens
+        return self.transform(image), self._text(index)
 
 
 def collate_skip_none(batch: Sequence[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:

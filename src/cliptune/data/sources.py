@@ -30,6 +30,7 @@ import os
 import random
 import re
 import shutil
+import sys
 import warnings
 import xml.etree.ElementTree as ET
 from collections import Counter
@@ -64,7 +65,7 @@ _AUTHOR_PREFIX = re.compile(r"^clip\s*art by [^-]+ - ", re.IGNORECASE)
 # File-name fragments that are prefixes, authors' tags or numbering schemes, not words.
 _STEM_JUNK = frozenset({"aiga", "bb", "gg", "bw", "bwh", "md", "fc", "pt", "step", "symbol", "openclipart", "clipart"})
 # Tags that name an icon theme, an author, a tool or the archive itself, not what is drawn.
-_JUNK_KEYWORD = re.compile(r"icon|theme|clip ?art|rollandin|^(hash|unsorted|magick|mapsym)$")
+_JUNK_KEYWORD = re.compile(r"icon|theme|clip ?art|^hash\b|^(unsorted|magick|mapsym)$")
 _JUNK_DESCRIPTION = re.compile(r"@|https?:|www\.|hash\(|inkscape|public domain|converted|collection", re.IGNORECASE)
 # A description shared by more images than this is boilerplate ("EPS converted from http://aiga.org" on 122).
 _MAX_DESCRIPTION_SHARE = 4
@@ -72,8 +73,10 @@ _DESCRIPTION_CHARS = (8, 200)
 _MAX_KEYWORDS = 6
 # Some sources are 3x2 px flags; nothing recognisable survives at any size.
 _MIN_SOURCE_SIDE = 16
-# A few clip art PNGs are 20,990 x 29,700 px; they are genuine, so lift Pillow's bomb guard while reading them.
-_MAX_SOURCE_PIXELS = 1_000_000_000
+_ALPHA_DUST = 8  # alpha (or colour spread) at or below this counts as empty
+# Fifteen clip art PNGs exceed Pillow's 179 MP bomb guard but are genuine, so the guard is replaced by this budget.
+# Two 20,990 x 29,700 px stop signs exceed it: decoding one needs about 8 GB, the others stay under 3 GB.
+_MAX_SOURCE_PIXELS = 250_000_000
 
 DEFAULT_EMOJI_FONT = Path("/usr/share/fonts/truetype/noto/NotoColorEmoji.ttf")
 # Noto Color Emoji is a bitmap font with a single strike: 109 px is the only size it can be loaded at.
@@ -151,6 +154,7 @@ class _ClipartMeta:
     title: str | None
     description: str | None
     keywords: list[str]
+    creator: str | None
 
 
 def _openclipart_items(root: Path, seed: int, max_per_title: int | None) -> tuple[list[_Item], dict[str, int]]:
@@ -183,15 +187,16 @@ def _unique_pngs(png_root: Path) -> list[Path]:
 def _read_clipart_meta(root: Path, png: Path) -> _ClipartMeta:
     rel = png.relative_to(Path(os.path.realpath(root / "png"))).with_suffix("")
     svg = root / "svg" / rel.with_suffix(".svg")
-    title = description = None
-    keywords: list[str] = []
     work = _svg_work(svg)
-    if work is not None:
-        # Only the cc:Work's own dc:title: creator, publisher and rights agents carry dc:title elements too.
-        title = _text(work.find("dc:title", _NS))
-        description = _text(work.find("dc:description", _NS))
-        keywords = _clean_keywords(li.text for li in work.findall("dc:subject/rdf:Bag/rdf:li", _NS))
-    return _ClipartMeta(png, rel, title, description, keywords)
+    if work is None:
+        return _ClipartMeta(png, rel, None, None, [], None)
+    # The cc:Work's own dc:title; the creator, publisher and rights agents carry dc:title elements too.
+    creator = _text(work.find("dc:creator/cc:Agent/dc:title", _NS))
+    tags = _clean_keywords(li.text for li in work.findall("dc:subject/rdf:Bag/rdf:li", _NS))
+    # Some authors tag and title their work with their own name ("Chalet di montagna Architetto Francesco Rollandin").
+    keywords = [k for k in tags if not creator or k != creator.lower()]
+    title, description = _text(work.find("dc:title", _NS)), _text(work.find("dc:description", _NS))
+    return _ClipartMeta(png, rel, title, description, keywords, creator)
 
 
 def _svg_work(svg: Path) -> ET.Element | None:
@@ -211,7 +216,7 @@ def _clean_keywords(raw: Iterable[str | None]) -> list[str]:
     out: list[str] = []
     for kw in raw:
         kw = " ".join((kw or "").replace("_", " ").lower().split())
-        # Drop empty tags, Perl "HASH(0x...)" leftovers, bare numbers and hex ids.
+        # Drop empty tags, leftovers of a Perl exporter ("hash", "0x8b754fc") and bare numbers.
         if len(kw) < 2 or _JUNK_KEYWORD.search(kw) or re.fullmatch(r"(0x)?[0-9a-f]*\d[0-9a-f]*", kw):
             continue
         if kw not in out:
@@ -227,6 +232,10 @@ def _usable_title(m: _ClipartMeta, raw_title_counts: Counter[str]) -> str | None
     stripped = _AUTHOR_PREFIX.sub("", raw)
     # An author-prefixed title on several images names one file of the batch, not this picture.
     shared_batch_name = stripped != raw and raw_title_counts[raw] > 1
+    if m.creator:
+        # Whole name or surname alone ("Coccinella Rollandin"); short words might be part of the title.
+        for name in [m.creator, *(w for w in m.creator.split() if len(w) >= 4)]:
+            stripped = re.sub(rf"\b{re.escape(name)}\b", " ", stripped, flags=re.IGNORECASE)
     if shared_batch_name or _BATCH_TITLE.search(stripped):
         return _title_from_stem(m.rel.name)
     return _clean_title(stripped)
@@ -248,15 +257,13 @@ def _title_from_stem(stem: str) -> str | None:
     return " ".join(words) or None
 
 
-def _clipart_item(
-    m: _ClipartMeta, title: str, desc_counts: Counter[str], keyword_counts: Counter[str]
-) -> _Item:
+def _clipart_item(m: _ClipartMeta, title: str, desc_counts: Counter[str], keyword_counts: Counter[str]) -> _Item:
     category = m.rel.parts[0]
     category_text = category.replace("_", " ")
     captions = [title]
     if category not in _VAGUE_CATEGORIES:
         captions.append(f"{title}, clip art of {category_text}")
-    description = _usable_description(m.description, title, desc_counts)
+    description = _usable_description(m, title, desc_counts)
     if description:
         captions.append(description)
     # Images without tags fall back on their sub-folder names ("flags", "africa").
@@ -274,9 +281,12 @@ def _clipart_item(
     )
 
 
-def _usable_description(raw: str | None, title: str, desc_counts: Counter[str]) -> str | None:
+def _usable_description(m: _ClipartMeta, title: str, desc_counts: Counter[str]) -> str | None:
+    raw = m.description
     if raw is None or desc_counts[_norm(raw)] > _MAX_DESCRIPTION_SHARE or _JUNK_DESCRIPTION.search(raw):
         return None
+    if m.creator and m.creator.lower() in raw.lower():
+        return None  # a signature, not a description
     low, high = _DESCRIPTION_CHARS
     if len(raw) > high:
         raw = re.split(r"(?<=[.!?])\s", raw, maxsplit=1)[0]
@@ -291,11 +301,13 @@ def _convert_clipart(job: tuple[str, str, int]) -> bool:
     src, dst, size = job
     try:
         with _large_images_allowed(), Image.open(src) as im:
-            if max(im.size) < _MIN_SOURCE_SIDE:
+            if max(im.size) < _MIN_SOURCE_SIDE or im.width * im.height > _MAX_SOURCE_PIXELS:
                 return False
             # RGBA covers every source mode, P/L/RGB with a tRNS key included.
             rgb = _on_white(im.convert("RGBA"), size)
-    except (OSError, ValueError, Image.DecompressionBombError):
+    except (OSError, ValueError):
+        return False
+    if rgb is None:
         return False
     rgb.save(dst)
     return True
@@ -304,7 +316,7 @@ def _convert_clipart(job: tuple[str, str, int]) -> bool:
 @contextlib.contextmanager
 def _large_images_allowed() -> Iterator[None]:
     old = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = _MAX_SOURCE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None  # `_convert_clipart` checks `_MAX_SOURCE_PIXELS` itself, from the header
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
@@ -412,9 +424,10 @@ def _render_emoji(job: tuple[str, str, str, int]) -> bool:
         return False
     canvas = Image.new("RGBA", (width, height), (0, 0, 0, 0))
     ImageDraw.Draw(canvas).text((-left, -top), text, font=font, embedded_color=True)
-    if canvas.getchannel("A").getextrema()[1] == 0:
+    rgb = _on_white(canvas, size)
+    if rgb is None:
         return False
-    _on_white(canvas, size).save(dst)
+    rgb.save(dst)
     return True
 
 
@@ -422,16 +435,28 @@ def _render_emoji(job: tuple[str, str, str, int]) -> bool:
 # Shared: images, split, tables, manifest
 
 
-def _on_white(rgba: Image.Image, size: int) -> Image.Image:
-    """Resize so the longest side is `size`, then flatten onto white: transparent pixels of clip art and emoji are
-    often black underneath, which would otherwise come out as black backgrounds."""
+def _on_white(rgba: Image.Image, size: int) -> Image.Image | None:
+    """Trim transparent margins, resize so the longest side is `size`, flatten onto white; None if nothing shows.
+
+    Transparent pixels of clip art and emoji are often black underneath, which would otherwise come out as black
+    backgrounds. Trimming matters because many clip art PNGs are a whole Inkscape page with a small drawing on it
+    (in 7% of them the drawing spans less than half the canvas); faint anti-aliasing dust is ignored.
+    """
+    box = rgba.getchannel("A").point(lambda a: 255 if a > _ALPHA_DUST else 0).getbbox()
+    if box is None:
+        return None
+    rgba = rgba.crop(box)
     scale = size / max(rgba.size)
     new = (max(1, round(rgba.width * scale)), max(1, round(rgba.height * scale)))
     # Pillow resamples RGBA with premultiplied alpha, so no dark fringes; reducing_gap keeps huge sources fast.
     rgba = rgba.resize(new, Image.Resampling.LANCZOS, reducing_gap=3.0)
     background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     background.alpha_composite(rgba)
-    return background.convert("RGB")
+    rgb = background.convert("RGB")
+    # White drawings on transparency vanish on white: a blank image is no example of anything.
+    if all(high - low < _ALPHA_DUST for low, high in rgb.getextrema()):
+        return None
+    return rgb
 
 
 def _produce_images(
@@ -608,7 +633,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             paths = build_emoji(args.out, args.emojibase, args.font, args.image_size, args.val_fraction, args.seed)
     except DataPackageMissingError as e:
-        print(f"error: {e}")
+        print(f"error: {e}", file=sys.stderr)
         return 1
     for name, path in paths.items():
         print(f"{name}: {path}")

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 
 from cliptune.config import EvalConfig
 from cliptune.data import CaptionTable, LabelledImages, read_caption_table, read_classification
+from cliptune.eval.encode import Encoding
 from cliptune.eval.retrieval import evaluate_retrieval
 from cliptune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
-from cliptune.models.base import ClipModel
 
 
 @dataclass
@@ -30,13 +30,13 @@ class EvalSuite:
     def __bool__(self) -> bool:
         return bool(self.retrieval or self.zeroshot)
 
-    def run(self, model: ClipModel, precision: str = "fp32", workers: int = 0) -> dict[str, dict[str, float]]:
+    def run(self, encoding: Encoding) -> dict[str, dict[str, float]]:
         results = {}
         for table in self.retrieval:
-            results[table.name] = evaluate_retrieval(model, table, self.batch_size, precision, workers)
+            results[table.name] = evaluate_retrieval(encoding, table)
         for data, templates in self.zeroshot:
-            results[data.name] = evaluate_zeroshot(model, data, templates, self.batch_size, precision, workers)
+            results[data.name] = evaluate_zeroshot(encoding, data, templates)
         return results
 
 
-__all__ = ["EvalSuite", "evaluate_retrieval", "evaluate_zeroshot", "zeroshot_classifier"]
+__all__ = ["Encoding", "EvalSuite", "evaluate_retrieval", "evaluate_zeroshot", "zeroshot_classifier"]

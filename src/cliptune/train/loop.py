@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
@@ -21,7 +22,7 @@ from cliptune import config as config_mod
 from cliptune.config import ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.eval import EvalSuite
-from cliptune.eval.encode import autocast
+from cliptune.eval.encode import Encoding, autocast
 from cliptune.losses import LOSSES, MAX_LOGIT_SCALE
 from cliptune.models import ClipModel, build_model, rebuild, save_model
 from cliptune.models.base import Tower
@@ -58,6 +59,8 @@ class Trainer:
     locked: list[Tower]
     device: torch.device
     train_table: CaptionTable
+    dataset: TrainPairs
+    encoding: Encoding
     suite: EvalSuite
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
@@ -136,8 +139,17 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     locked = apply_locking(model, cfg.finetune)
     state, rest = load_checkpoint(checkpoint, model) if checkpoint else (TrainState(), {})
     model.to(device)
+    encoding = Encoding(
+        model,
+        cfg.runtime.precision,
+        cfg.eval.batch_size,
+        cfg.runtime.workers,
+        cached=locked if cfg.train.cache_locked else (),
+        progress=cfg.runtime.progress,
+    )
+    dataset = _dataset(cfg, train_table, model, encoding)
     optimizer = build_optimizer(model, cfg.optim)
-    steps_per_epoch = len(_loader(cfg, train_table, model, epoch=0))
+    steps_per_epoch = len(_loader(cfg, dataset, epoch=0))
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * cfg.train.epochs)
     if checkpoint:
         optimizer.load_state_dict(rest["optimizer"])
@@ -152,6 +164,8 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         locked,
         device,
         train_table,
+        dataset,
+        encoding,
         suite,
         optimizer,
         scheduler,
@@ -162,8 +176,21 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     )
 
 
-def _loader(cfg: RunConfig, table: CaptionTable, model: ClipModel, epoch: int) -> DataLoader:
-    dataset = TrainPairs(table, model.train_transform, model.tokenize, seed=cfg.runtime.seed)
+def _dataset(cfg: RunConfig, table: CaptionTable, model: ClipModel, encoding: Encoding) -> TrainPairs:
+    """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
+    started = time.perf_counter()
+    image_features = encoding.trunk_features("image", table.images) if "image" in encoding.cached else None
+    text_features = encoding.trunk_features("text", table.flat()[0]) if "text" in encoding.cached else None
+    if encoding.cached:
+        log.info(
+            "cached locked %s tower output(s) for training in %.1fs",
+            " and ".join(encoding.cached),
+            time.perf_counter() - started,
+        )
+    return TrainPairs(table, model.train_transform, model.tokenize, cfg.runtime.seed, image_features, text_features)
+
+
+def _loader(cfg: RunConfig, dataset: TrainPairs, epoch: int) -> DataLoader:
     dataset.set_epoch(epoch)
     # The data order is a pure function of (seed, epoch), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
@@ -183,14 +210,18 @@ def _loader(cfg: RunConfig, table: CaptionTable, model: ClipModel, epoch: int) -
 # Training
 
 
-def _features(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _embed(trainer: Trainer, tower: Tower, inputs: torch.Tensor) -> torch.Tensor:
     model = trainer.model
+    if tower in trainer.encoding.cached:  # inputs are the locked trunk's outputs: only the head runs
+        return F.normalize(getattr(model, f"{tower}_head")(inputs).float(), dim=-1)
+    encode = model.encode_image if tower == "image" else model.encode_text
     # A locked tower needs no graph: running it under no_grad saves its activations' memory.
-    with torch.no_grad() if "image" in trainer.locked else nullcontext():
-        image_features = model.encode_image(images)
-    with torch.no_grad() if "text" in trainer.locked else nullcontext():
-        text_features = model.encode_text(tokens)
-    return image_features.float(), text_features.float()
+    with torch.no_grad() if tower in trainer.locked else nullcontext():
+        return encode(inputs).float()
+
+
+def _features(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return _embed(trainer, "image", images), _embed(trainer, "text", tokens)
 
 
 def train_step(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> float:
@@ -216,7 +247,7 @@ def train_step(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> 
 
 
 def _batches(trainer: Trainer, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    loader = _loader(trainer.cfg, trainer.train_table, trainer.model, epoch)
+    loader = _loader(trainer.cfg, trainer.dataset, epoch)
     # Every batch is full (drop_last, or one batch holding the whole set), so a short one lost unreadable images;
     # counting here rather than in the dataset also works when worker processes do the loading.
     expected = min(trainer.cfg.train.batch_size, len(loader.dataset))
@@ -261,7 +292,7 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
 
 
 def evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
-    results = trainer.suite.run(trainer.model, trainer.cfg.runtime.precision, trainer.cfg.runtime.workers)
+    results = trainer.suite.run(trainer.encoding)
     trainer.log.evaluation(trainer.state.epoch, trainer.state.step, results)
     for name, values in results.items():
         shown = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
