@@ -373,3 +373,10 @@ def test_classification_list_errors(tmp_path: Path) -> None:
         read_classification(ZeroShotSpec(path=str(listing), classnames=["a", "b"]))
     with pytest.raises(DataError, match="does not exist"):
         read_classification(ZeroShotSpec(path=str(tmp_path / "nowhere")))
+
+
+def test_list_file_with_tabs_allows_spaces_in_class_names(tmp_path: Path) -> None:
+    a, b = png(tmp_path / "a.png"), png(tmp_path / "b.png", (0, 0, 255))
+    (tmp_path / "list.txt").write_text(f"{a.name}\tsigns and symbols\n{b.name}\tfood\n")
+    data = read_classification(ZeroShotSpec(path=str(tmp_path / "list.txt")))
+    assert data.classnames == ["food", "signs and symbols"] and data.labels == [1, 0]

@@ -87,8 +87,13 @@ def _models(args: argparse.Namespace) -> int:
     import open_clip
 
     from cliptune.models.openclip import TINY_ARCHS
+    from cliptune.models.presets import PRESETS
 
-    print("packaged tiny architectures (random init, for tests and smoke runs):")
+    print("presets (model.preset):")
+    for name, spec in PRESETS.items():
+        towers = f"{spec['image_tower']['name']} + {spec['text_tower']['name']}" if "image_tower" in spec else ""
+        print(f"  {name}  [{spec['backend']}] {towers}")
+    print("\npackaged tiny architectures (random init, for tests and smoke runs):")
     for name in TINY_ARCHS:
         print(f"  {name}")
     print("\nOpenCLIP architectures (model.arch), with their pretrained tags (model.pretrained):")
@@ -96,6 +101,13 @@ def _models(args: argparse.Namespace) -> int:
         if name not in TINY_ARCHS:
             tags = open_clip.list_pretrained_tags_by_model(name)
             print(f"  {name}" + (f"  [{', '.join(tags)}]" if tags else ""))
+    return 0
+
+
+def _config(args: argparse.Namespace) -> int:
+    from cliptune.config import markdown_table
+
+    print(markdown_table())
     return 0
 
 
@@ -132,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
             cmd.add_argument("--out", required=True, help="output .npy file")
 
     sub.add_parser("models", help="list model architectures and pretrained tags").set_defaults(func=_models)
+    sub.add_parser("config", help="every config key with its type, default and meaning").set_defaults(func=_config)
     return parser
 
 

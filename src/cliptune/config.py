@@ -381,3 +381,39 @@ def _deepcopy(data: Any) -> Any:
     if isinstance(data, list):
         return [_deepcopy(v) for v in data]
     return data
+
+
+def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(dotted key, type, default, doc) for every config key: the source of `cliptune config` and README's table."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key, tp = f"{prefix}{f.name}", hints[f.name]
+        inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+        if dataclasses.is_dataclass(tp) or (inner and typing.get_origin(tp) is not list):
+            rows += describe(tp if dataclasses.is_dataclass(tp) else inner[0], f"{key}.")
+            continue
+        if typing.get_origin(tp) is list and inner:
+            rows += describe(inner[0], f"{key}[].")
+            continue
+        doc = f.metadata.get("doc", "")
+        if f.metadata.get("choices"):
+            doc += f" ({', '.join(f.metadata['choices'])})"
+        rows.append((key, _type_name(tp).replace(" | None", " or null"), _default_text(f), doc))
+    return rows
+
+
+def _default_text(f: dataclasses.Field) -> str:
+    if f.default is not dataclasses.MISSING:
+        value = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        value = f.default_factory()
+    else:
+        return "(required)"
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
+
+
+def markdown_table() -> str:
+    lines = ["| key | type | default | meaning |", "|---|---|---|---|"]
+    lines += [f"| `{k}` | {t} | `{d}` | {doc} |" for k, t, d, doc in describe()]
+    return "\n".join(lines)

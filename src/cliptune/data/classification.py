@@ -111,11 +111,15 @@ def _parse_list_lines(path: Path) -> list[tuple[int, str, str]]:
         text = line.strip()
         if not text or text.startswith("#"):
             continue
+        if "\t" in text:  # `path<TAB>label` is unambiguous when a class name holds spaces
+            image, _, label = text.partition("\t")
+            entries.append((line_no, image.strip(), label.strip()))
+            continue
         match = _LIST_LINE.match(text)
         if match is None:
             raise DataError(
                 f"{path}, line {line_no}: expected `path label` (an image path, whitespace, then an "
-                f"integer label or a class name), got {text!r}"
+                f"integer label or a class name; use a tab if the class name has spaces), got {text!r}"
             )
         entries.append((line_no, match["path"], match["label"]))
     if not entries:

@@ -11,7 +11,7 @@ Both builders write the same layout into `out_dir`:
 
     images/...           RGB PNGs, `image_size` px on the longest side, composited on white
     train.csv, val.csv   columns `image` (path relative to out_dir) and `caption` (a JSON list of strings)
-    val_classes.txt      `path label` lines for the val images (the label may contain spaces: split once)
+    val_classes.txt      `path<TAB>label` lines for the val images (class names may contain spaces)
     manifest.json        build parameters and counts; a rebuild with the same parameters is skipped
 
 Train and val are split by image *group* (one title, or one emoji without its gender/skin variants) and stratified by
@@ -532,7 +532,7 @@ def _write_dataset(
     paths = _output_paths(out_dir)
     _write_table(paths["train"], train)
     _write_table(paths["val"], val)
-    lines = [f"{it.image} {it.label}\n" for it in val if it.label]
+    lines = [f"{it.image}\t{it.label}\n" for it in val if it.label]  # a tab: class names hold spaces
     paths["val_classes"].write_text("".join(lines), encoding="utf-8")
     counts = [len(it.captions) for it in items]
     manifest = {
