@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: test lint demo tiny clean
+.PHONY: test lint demo tiny docs clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -25,6 +25,9 @@ tiny: data/shapes/train.csv
 	$(VENV)/bin/cliptune train configs/tiny.yaml
 
 demo: tiny
+
+docs: $(STAMP)
+	$(PY) scripts/update_readme_config.py
 
 clean:
 	rm -rf runs data/shapes
