@@ -1,8 +1,16 @@
 """Shared fixtures: no test reaches the network, and the generated image-caption set."""
 
+from pathlib import Path
+
 import pytest
 
 from cliptune.data.synthetic import make_shapes
+from tests.helpers import save_tiny_bert
+
+
+@pytest.fixture(scope="module")
+def bert_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
 
 
 @pytest.fixture

@@ -148,6 +148,9 @@ class RuntimeConfig:
     workers: int = _doc(0, "data-loader worker processes")
     log_every: int = _doc(10, "steps between log lines in metrics and TensorBoard")
     progress: bool = _doc(True, "show a progress bar")
+    feature_cache: str | None = _doc(
+        None, "folder that keeps locked-tower outputs across runs (null: keep them for this run only)"
+    )
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):

@@ -17,6 +17,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cliptune.data import ImageFiles
+from cliptune.eval.feature_store import FeatureStore, input_key, tower_fingerprint
 from cliptune.models.base import ClipModel, Tower
 
 ImageItem = str | Path | Image.Image
@@ -48,12 +49,17 @@ class Encoding:
         workers: int = 0,
         cached: Sequence[Tower] = (),
         progress: bool = False,
+        store: FeatureStore | None = None,
     ) -> None:
         self.model, self.precision, self.batch_size, self.workers = model, precision, batch_size, workers
         self.cached = [t for t in cached if can_cache(model, t)]
         self.progress = progress
-        # keyed by image path or caption text; in-memory images have no stable key and are never cached
+        self.store = store
+        # keyed by image file (path, size, mtime) or caption text; in-memory images are never cached
         self.memo: dict[Tower, dict[str, torch.Tensor]] = {"image": {}, "text": {}}
+        self.fingerprints = {t: tower_fingerprint(model, t) for t in self.cached} if store else {}
+        for tower, fingerprint in self.fingerprints.items():
+            self.memo[tower] = store.load(fingerprint)
 
     @torch.no_grad()
     def _run(
@@ -80,14 +86,16 @@ class Encoding:
     def trunk_features(self, tower: Tower, items: Sequence) -> torch.Tensor:
         """Outputs of a cached tower's trunk for `items` (paths or captions), computing only those not seen before."""
         memo = self.memo[tower]
-        keys = [str(item) for item in items]
-        missing = list(dict.fromkeys(k for k in keys if k not in memo))
+        keys = [input_key(item, tower) for item in items]
+        first = dict(zip(keys, items))
+        missing = [k for k in first if k not in memo]
         if missing:
-            todo = [items[keys.index(k)] for k in missing]
             fn = getattr(self.model, f"{tower}_trunk")
+            todo = [first[k] for k in missing]
             batches = self._image_batches(todo) if tower == "image" else self._text_batches(todo)
-            for key, row in zip(missing, self._run(fn, batches, f"encoding {tower}s (locked tower, once)")):
-                memo[key] = row
+            memo.update(zip(missing, self._run(fn, batches, f"encoding {tower}s (locked tower, once)")))
+            if self.store is not None:
+                self.store.save(self.fingerprints[tower], memo)
         return torch.stack([memo[k] for k in keys])
 
     def _embed(self, tower: Tower, items: Sequence) -> torch.Tensor:

