@@ -63,13 +63,13 @@ class Encoding:
 
     @torch.no_grad()
     def _run(
-        self, fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence | DataLoader, desc: str
+        self, fn: Callable[[torch.Tensor], torch.Tensor], batches: Sequence | DataLoader, desc: str | None
     ) -> torch.Tensor:
         device = model_device(self.model)
         was_training = self.model.training
         self.model.eval()
         out = []
-        for batch in tqdm(batches, desc=desc, disable=not self.progress, leave=False):
+        for batch in tqdm(batches, desc=desc, disable=not self.progress or desc is None, leave=False):
             with autocast(device, self.precision):
                 out.append(fn(batch.to(device)).float().cpu())
         self.model.train(was_training)
@@ -103,7 +103,7 @@ class Encoding:
             return torch.empty(0, 0)
         if tower in self.cached and not any(isinstance(i, Image.Image) for i in items):
             head = getattr(self.model, f"{tower}_head")
-            features = self._run(head, [self.trunk_features(tower, items)], f"{tower} heads")
+            features = self._run(head, [self.trunk_features(tower, items)], desc=None)
         elif tower == "image":
             features = self._run(self.model.encode_image, self._image_batches(items), "encoding images")
         else:
