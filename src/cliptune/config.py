@@ -53,6 +53,7 @@ class ModelConfig:
     head: str = _choice("linear", "linear", "mlp", doc="composed backend: projection head of each tower")
     embed_dim: int = _doc(256, "composed backend: shared embedding size")
     init_temperature: float = _doc(0.07, "composed backend: initial softmax temperature (logit_scale = log 1/T)")
+    init: str | None = _doc(None, "start from a saved model or run directory instead of the pretrained weights")
 
     def __post_init__(self) -> None:
         if self.backend == "composed" and (self.image_tower is None or self.text_tower is None):
@@ -104,12 +105,43 @@ class EvalConfig:
     retrieval: list[TableSpec] = _doc(doc="retrieval sets", default_factory=list)
     zeroshot: list[ZeroShotSpec] = _doc(doc="zero-shot classification sets", default_factory=list)
     batch_size: int = _doc(64, "images or captions per forward pass at evaluation")
+    wise_alphas: list[float] = _doc(
+        doc="WiSE-FT: after training, evaluate (1-a)*initial + a*fine-tuned weights for each a",
+        default_factory=list,
+    )
+
+
+@dataclass
+class LoraConfig:
+    """Low-rank adapters on the attention and MLP projections of both towers."""
+
+    rank: int = _doc(0, "adapter rank; 0 turns LoRA off")
+    alpha: float = _doc(16.0, "scale of the adapter update is alpha / rank")
+    dropout: float = _doc(0.0, "dropout on the adapter input")
+    targets: list[str] = _doc(
+        doc="module-name patterns (whole dotted components) that get adapters",
+        default_factory=lambda: ["attn", "mlp", "attention", "intermediate", "output.dense"],
+    )
+    towers: list[str] = _doc(doc="towers that get adapters (image, text)", default_factory=lambda: ["image", "text"])
 
 
 @dataclass
 class FinetuneConfig:
     lock_image: bool = _doc(False, "freeze the whole image tower")
     lock_text: bool = _doc(False, "freeze the whole text tower")
+    lock_image_patterns: str = _doc(
+        "",
+        "partial locking, comma-separated: `name` locks, `!name` unlocks (whole dotted components), after lock_image",
+    )
+    lock_text_patterns: str = _doc("", "the same for the text tower, after lock_text")
+    heads: str = _choice("none", "none", "linear", "mlp", doc="new projection heads on top of the model's embeddings")
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    prompt_tokens: int = _doc(0, "learnable context vectors after the text start token; 0 turns prompt tuning off")
+    ema_decay: float | None = _doc(None, "EMA of the trainable weights, e.g. 0.999; evaluation uses the EMA weights")
+
+    def __post_init__(self) -> None:
+        if self.ema_decay is not None and not 0.0 < self.ema_decay < 1.0:
+            raise ConfigError(f"finetune.ema_decay: {self.ema_decay!r} must be between 0 and 1 (exclusive), or null")
 
 
 @dataclass
@@ -137,6 +169,12 @@ class OptimConfig:
     beta2: float = _doc(0.98, "AdamW beta2")
     eps: float = _doc(1.0e-6, "AdamW epsilon")
     schedule: str = _choice("cosine", "cosine", "constant", doc="lr after warm-up")
+    layer_decay_image: float = _doc(1.0, "layer-wise lr decay of the image tower (1.0: none)")
+    layer_decay_text: float = _doc(1.0, "layer-wise lr decay of the text tower (1.0: none)")
+    lr_image: float | None = _doc(None, "peak lr of the image tower (null: optim.lr)")
+    lr_text: float | None = _doc(None, "peak lr of the text tower (null: optim.lr)")
+    weight_decay_image: float | None = _doc(None, "weight decay of the image tower (null: optim.weight_decay)")
+    weight_decay_text: float | None = _doc(None, "weight decay of the text tower (null: optim.weight_decay)")
 
 
 @dataclass
@@ -323,6 +361,11 @@ def _check_ranges(cfg: RunConfig) -> None:
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"eval: set name(s) {', '.join(dupes)} used twice; give each set a distinct `name`")
+    if any(not 0.0 <= a <= 1.0 for a in cfg.eval.wise_alphas):
+        raise ConfigError(f"eval.wise_alphas: {cfg.eval.wise_alphas!r}: every alpha must be in [0, 1]")
+    for key in ("layer_decay_image", "layer_decay_text"):
+        if not 0.0 < getattr(cfg.optim, key) <= 1.0:
+            raise ConfigError(f"optim.{key}: {getattr(cfg.optim, key)!r} must be in (0, 1]")
     if "/" in cfg.name or not cfg.name.strip():
         raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name without '/'")
 
