@@ -69,6 +69,7 @@ class TableSpec:
     image_key: str = _doc("image", "column holding the image path")
     caption_key: str = _doc("caption", "column holding one caption or a list of captions")
     images_root: str | None = _doc(None, "folder image paths are relative to (default: the table's folder)")
+    split: str | None = _doc(None, "Karpathy-split JSON (dataset_coco.json) only: e.g. train, val, test, train+restval")
 
     def __post_init__(self) -> None:
         if not self.name:
