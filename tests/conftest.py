@@ -4,8 +4,9 @@ from pathlib import Path
 
 import pytest
 
+from cliptune.config import ModelConfig
 from cliptune.data.synthetic import make_shapes
-from tests.helpers import save_tiny_bert
+from tests.helpers import every_backend, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
@@ -28,3 +29,9 @@ def shapes(tmp_path_factory):
     root = tmp_path_factory.mktemp("shapes")
     make_shapes(root, n_train=96, n_val=32, image_size=32)
     return root
+
+
+@pytest.fixture(scope="session")
+def backends(tmp_path_factory) -> dict[str, ModelConfig]:
+    """name -> ModelConfig of a tiny random model, one per backend: strategies must work on each."""
+    return every_backend(tmp_path_factory.mktemp("backends"))

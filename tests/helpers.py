@@ -1,9 +1,25 @@
 """Tiny models and data shared by several test modules (fixtures live in conftest.py)."""
 
+import gzip
 from pathlib import Path
 
 import torch
-from transformers import BertConfig, BertModel, BertTokenizer
+from open_clip.tokenizer import bytes_to_unicode, default_bpe
+from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
+from tokenizers.models import WordLevel
+from transformers import (
+    BertConfig,
+    BertModel,
+    BertTokenizer,
+    CLIPConfig,
+    CLIPImageProcessor,
+    CLIPModel,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+    SiglipConfig,
+    SiglipImageProcessor,
+    SiglipModel,
+)
 
 from cliptune.config import ModelConfig, TowerConfig
 
@@ -40,3 +56,69 @@ def tiny_config(
         head=head,
         embed_dim=EMBED,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Tiny Hugging Face CLIP and SigLIP models, saved like hub folders
+
+IMAGE_SIZE, EMBED_DIM = 32, 16
+SIGLIP_CONTEXT = 16
+HF_WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "small", "big", "on", "grass"]
+HF_WORDS += ["sitting", "in", "sun", "very", "long", "caption"]
+HF_CAPTIONS = ["a photo of a cat", "a dog on the grass", "a small red car", "a big blue house"]
+TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """OpenAI's CLIP BPE tokenizer, built from the vocabulary open_clip ships (the same as the hub's vocab.json)."""
+    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
+        lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
+    merges = [tuple(line.split()) for line in lines]
+    chars = list(bytes_to_unicode().values())
+    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=77)
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A word-level fast tokenizer that ends each text with `</s>` and pads with it, like SigLIP's."""
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(HF_WORDS)}}
+    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
+
+
+def save_tiny_clip(folder: Path) -> Path:
+    torch.manual_seed(0)
+    # eos_token_id=2 as in OpenAI's hub configs: the old rule transformers keeps for it must not matter here.
+    text = dict(TOWER, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=2)
+    vision = dict(TOWER, image_size=IMAGE_SIZE, patch_size=8)
+    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=EMBED_DIM)).save_pretrained(folder)
+    clip_tokenizer().save_pretrained(folder)
+    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
+    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop).save_pretrained(folder)
+    return folder
+
+
+def save_tiny_siglip(folder: Path) -> Path:
+    torch.manual_seed(0)
+    ids = dict(bos_token_id=None, eos_token_id=1, pad_token_id=1)
+    text = dict(TOWER, **ids, vocab_size=len(HF_WORDS) + 2, max_position_embeddings=SIGLIP_CONTEXT)
+    text["projection_size"] = EMBED_DIM
+    vision = dict(TOWER, hidden_size=EMBED_DIM, image_size=IMAGE_SIZE, patch_size=8)
+    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
+    word_tokenizer().save_pretrained(folder)
+    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
+    return folder
+
+
+def every_backend(root: Path) -> dict[str, ModelConfig]:
+    """A tiny random model config of every backend (OpenCLIP ViT and ResNet, HF CLIP and SigLIP, composed)."""
+    return {
+        "openclip-vit": ModelConfig(arch="cliptune-tiny-vit"),
+        "openclip-rn": ModelConfig(arch="cliptune-tiny-rn"),
+        "hf-clip": ModelConfig(backend="hf", arch=str(save_tiny_clip(root / "clip"))),
+        "hf-siglip": ModelConfig(backend="hf", arch=str(save_tiny_siglip(root / "siglip"))),
+        "composed": tiny_config(save_tiny_bert(root / "bert")),
+    }

@@ -7,7 +7,6 @@ with its end-of-text token) and the SigLIP one is a word-level fast tokenizer pa
 
 from __future__ import annotations
 
-import gzip
 import json
 import re
 import shutil
@@ -16,77 +15,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from PIL import Image
-from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
-from tokenizers.models import WordLevel
 from transformers import (
     BertConfig,
-    CLIPConfig,
-    CLIPImageProcessor,
-    CLIPModel,
-    CLIPTokenizer,
-    PreTrainedTokenizerFast,
-    SiglipConfig,
-    SiglipImageProcessor,
-    SiglipModel,
 )
 
 from cliptune.config import ModelConfig
 from cliptune.losses import clip_loss
 from cliptune.models import ModelError, build_model, load_model, save_model
 from cliptune.models.hf import HFClipModel, rebuild
-
-IMAGE_SIZE, EMBED_DIM = 32, 16
-SIGLIP_CONTEXT = 16
-WORDS = ["a", "photo", "of", "the", "cat", "dog", "red", "blue", "green", "small", "big", "on", "grass"]
-WORDS += ["sitting", "in", "sun", "very", "long", "caption"]
-CAPTIONS = ["a photo of a cat", "a dog on the grass", "a small red car", "a big blue house"]
-TOWER = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2)
-
-
-def clip_tokenizer() -> CLIPTokenizer:
-    """OpenAI's CLIP BPE tokenizer, built from the vocabulary open_clip ships (the same as the hub's vocab.json)."""
-    with gzip.open(default_bpe(), "rt", encoding="utf-8") as f:
-        lines = f.read().split("\n")[1 : 49152 - 256 - 2 + 1]
-    merges = [tuple(line.split()) for line in lines]
-    chars = list(bytes_to_unicode().values())
-    vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
-    return CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, model_max_length=77)
-
-
-def word_tokenizer() -> PreTrainedTokenizerFast:
-    """A word-level fast tokenizer that ends each text with `</s>` and pads with it, like SigLIP's."""
-    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", pad_token="</s>", unk_token="<unk>")
-
-
-def save_tiny_clip(folder: Path) -> Path:
-    torch.manual_seed(0)
-    # eos_token_id=2 as in OpenAI's hub configs: the old rule transformers keeps for it must not matter here.
-    text = dict(TOWER, vocab_size=49408, max_position_embeddings=77, bos_token_id=49406, eos_token_id=2)
-    vision = dict(TOWER, image_size=IMAGE_SIZE, patch_size=8)
-    CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=EMBED_DIM)).save_pretrained(folder)
-    clip_tokenizer().save_pretrained(folder)
-    crop = {"height": IMAGE_SIZE, "width": IMAGE_SIZE}
-    CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE}, crop_size=crop).save_pretrained(folder)
-    return folder
-
-
-def save_tiny_siglip(folder: Path) -> Path:
-    torch.manual_seed(0)
-    ids = dict(bos_token_id=None, eos_token_id=1, pad_token_id=1)
-    text = dict(TOWER, **ids, vocab_size=len(WORDS) + 2, max_position_embeddings=SIGLIP_CONTEXT)
-    text["projection_size"] = EMBED_DIM
-    vision = dict(TOWER, hidden_size=EMBED_DIM, image_size=IMAGE_SIZE, patch_size=8)
-    SiglipModel(SiglipConfig(text_config=text, vision_config=vision)).save_pretrained(folder)
-    word_tokenizer().save_pretrained(folder)
-    SiglipImageProcessor(size={"height": IMAGE_SIZE, "width": IMAGE_SIZE}).save_pretrained(folder)
-    return folder
+from tests.helpers import EMBED_DIM, HF_CAPTIONS, IMAGE_SIZE, SIGLIP_CONTEXT, save_tiny_clip, save_tiny_siglip
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +63,8 @@ def test_build_gives_normalised_embeddings_of_the_right_shape(models: dict[str, 
     assert model.spec() == {"backend": "hf", "arch": model.arch, "model_type": kind}
     with torch.no_grad():
         img = model.encode_image(pixel_batch(model))
-        txt = model.encode_text(model.tokenize(CAPTIONS))
-        raw = model.encode_text(model.tokenize(CAPTIONS), normalize=False)
+        txt = model.encode_text(model.tokenize(HF_CAPTIONS))
+        raw = model.encode_text(model.tokenize(HF_CAPTIONS), normalize=False)
     assert img.shape == txt.shape == (4, EMBED_DIM)
     assert torch.allclose(img.norm(dim=-1), torch.ones(4), atol=1e-5)
     assert torch.allclose(txt.norm(dim=-1), torch.ones(4), atol=1e-5)
@@ -180,8 +118,8 @@ def test_save_and_load_give_identical_embeddings(models: dict[str, HFClipModel],
     loaded = load_model(tmp_path / "saved")
     assert isinstance(loaded, HFClipModel) and loaded.arch == model.arch
     assert all(p.dtype == torch.float32 for p in loaded.parameters())
-    tokens = model.tokenize(CAPTIONS)
-    assert torch.equal(loaded.tokenize(CAPTIONS), tokens)
+    tokens = model.tokenize(HF_CAPTIONS)
+    assert torch.equal(loaded.tokenize(HF_CAPTIONS), tokens)
     pixels = pixel_batch(model)
     assert torch.equal(pixel_batch(loaded), pixels)
     with torch.no_grad():
@@ -203,7 +141,7 @@ def test_training_with_the_text_tower_locked_moves_only_trainable_parameters(
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
-    pixels, tokens = pixel_batch(model), model.tokenize(CAPTIONS)
+    pixels, tokens = pixel_batch(model), model.tokenize(HF_CAPTIONS)
     for _ in range(3):
         loss = clip_loss(*model(pixels, tokens), model.logit_scale)
         optimizer.zero_grad()
