@@ -29,6 +29,11 @@ data/openclipart/manifest.json: | $(STAMP)
 	bash scripts/install_data_packages.sh
 	$(PY) -m cliptune.data.sources openclipart --out data/openclipart --image-size 128
 
+# Noto emoji rendered to images, captioned from emojibase (npm): a second visual domain for the benchmarks.
+data/emoji/manifest.json: | $(STAMP)
+	bash scripts/install_data_packages.sh data/.npm
+	$(PY) -m cliptune.data.sources emoji --out data/emoji --emojibase data/.npm/node_modules/emojibase-data/en/data.json
+
 # The embedded default: real pretrained towers (installed from PyPI) aligned on real clip art, offline.
 # Each demo is a new run; a second one reuses the locked towers' outputs kept in runs/.feature_cache.
 demo: data/openclipart/manifest.json
@@ -39,4 +44,4 @@ docs: $(STAMP)
 	$(PY) scripts/update_readme_config.py
 
 clean:
-	rm -rf runs data/shapes data/openclipart
+	rm -rf runs data/shapes data/openclipart data/emoji

@@ -62,7 +62,8 @@ def finetune(
     Keyword overrides take nested dicts (`optim={"lr": 1e-4}`) or dotted names (`**{"optim.lr": 1e-4}`);
     `overrides` takes CLI-style `key=value` strings.
     """
-    from cliptune.train.loop import build_trainer, fit  # training code is only imported by whoever trains
+    from cliptune.train.loop import fit  # training code is only imported by whoever trains
+    from cliptune.train.setup import build_trainer
 
     _console_logging()
     cfg = resolve_config(config, overrides, **kwargs)

@@ -40,7 +40,7 @@ def _dataset_arg(args: argparse.Namespace) -> dict:
         if args.templates:
             spec["templates"] = args.templates
     else:
-        spec.update(image_key=args.image_key, caption_key=args.caption_key)
+        spec.update(image_key=args.image_key, caption_key=args.caption_key, split=args.split)
     if args.images_root:
         spec["images_root"] = args.images_root
     return spec
@@ -104,6 +104,14 @@ def _models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from cliptune.tuning.wise import export_alpha
+
+    out = export_alpha(Path(args.model), args.alpha, Path(args.out))
+    print(f"wrote {out}: the run's model at WiSE-FT alpha {args.alpha} (load it with cliptune.load)")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from cliptune.config import markdown_table
 
@@ -136,6 +144,7 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             cmd.add_argument("--data", required=True, help="caption table (.csv/.tsv/.jsonl), class folder or list")
             cmd.add_argument("--templates", nargs="+", default=None, help="zero-shot prompt templates with {}")
+            cmd.add_argument("--split", default=None, help="Karpathy-split .json only: train, val, test, ...")
             cmd.add_argument("--out", default=None, help="also write the metrics to this JSON file")
         else:
             source = cmd.add_mutually_exclusive_group(required=True)
@@ -145,6 +154,11 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model architectures and pretrained tags").set_defaults(func=_models)
     sub.add_parser("config", help="every config key with its type, default and meaning").set_defaults(func=_config)
+    export = sub.add_parser("export", help="write a run's model, optionally WiSE-FT-interpolated, as a plain model")
+    export.add_argument("--model", required=True, help="run directory")
+    export.add_argument("--out", required=True, help="output folder (model.json + model.safetensors)")
+    export.add_argument("--alpha", type=float, default=1.0, help="0 = the starting weights, 1 = fine-tuned")
+    export.set_defaults(func=_export)
     return parser
 
 

@@ -64,7 +64,7 @@ class ModelConfig:
 class TableSpec:
     """An image-caption table (CSV, TSV or JSONL)."""
 
-    path: str = _doc(doc="table file: .csv, .tsv, .jsonl")
+    path: str = _doc(doc="table file: .csv, .tsv, .jsonl, or COCO captions / Karpathy-split .json")
     name: str = _doc("", "name used in metrics and results (defaults to the file stem)")
     image_key: str = _doc("image", "column holding the image path")
     caption_key: str = _doc("caption", "column holding one caption or a list of captions")
@@ -74,6 +74,8 @@ class TableSpec:
     def __post_init__(self) -> None:
         if not self.name:
             self.name = Path(self.path).stem
+        if self.split and not self.path.endswith(".json"):
+            raise ConfigError(f"{self.name}.split: {self.split!r} only applies to a Karpathy-split .json file")
 
 
 @dataclass
@@ -121,7 +123,7 @@ class LoraConfig:
     dropout: float = _doc(0.0, "dropout on the adapter input")
     targets: list[str] = _doc(
         doc="module-name patterns (whole dotted components) that get adapters",
-        default_factory=lambda: ["attn", "mlp", "attention", "intermediate", "output.dense"],
+        default_factory=lambda: ["attn", "mlp", "attention", "self_attn", "attnpool", "intermediate", "output.dense"],
     )
     towers: list[str] = _doc(doc="towers that get adapters (image, text)", default_factory=lambda: ["image", "text"])
 

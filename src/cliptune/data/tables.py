@@ -1,4 +1,4 @@
-"""Reading image-caption tables (CSV, TSV, JSONL) into unique images with all their captions."""
+"""Reading image-caption tables (CSV, TSV, JSONL, COCO / Karpathy JSON) into unique images with all their captions."""
 
 from __future__ import annotations
 
@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import Any
 
 from cliptune.config import TableSpec
+from cliptune.data.coco import read_coco_rows
 from cliptune.data.errors import DataError
 from cliptune.data.images import describe_unreadable, log_skipped, readable_mask
 
 logger = logging.getLogger("cliptune.data")
 
-SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl")
+SUPPORTED_SUFFIXES = (".csv", ".tsv", ".jsonl", ".json")
 
 # One data row: (line number in the file, image path as written, captions of that row).
 _Row = tuple[int, str, list[str]]
@@ -113,6 +114,8 @@ def _group(rows: list[_Row], base: Path) -> dict[Path, list[str]]:
 
 def _read_rows(path: Path, spec: TableSpec) -> list[_Row]:
     suffix = path.suffix.lower()
+    if suffix == ".json":
+        return read_coco_rows(path, spec)
     if suffix == ".jsonl":
         return _read_jsonl(path, spec)
     return _read_delimited(path, spec, "\t" if suffix == ".tsv" else ",")

@@ -32,6 +32,8 @@ BACKENDS: dict[str, Backend] = {
     "openclip": Backend(openclip.build, openclip.rebuild),
     "hf": _lazy("hf"),
     "composed": _lazy("composed"),
+    "heads": _lazy("heads"),
+    "prompted": _lazy("prompted"),
 }
 
 

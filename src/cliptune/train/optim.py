@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
@@ -12,23 +13,20 @@ from cliptune.config import OptimConfig
 
 def _no_decay(name: str, param: nn.Parameter) -> bool:
     # Decaying gains, biases, embeddings of 1-D shape or the temperature pulls them towards 0, which hurts CLIP.
-    return param.ndim < 2 or "logit_scale" in name or "logit_bias" in name or name.endswith(".bias")
-
-
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Trainable parameters split into a decayed and a non-decayed group (empty groups are left out)."""
-    decay, no_decay = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (no_decay if _no_decay(name, param) else decay).append(param)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+    # Learned prompt vectors are word embeddings in all but name: they are not decayed either.
+    exempt = ("logit_scale" in name, "logit_bias" in name, name.endswith((".bias", "prompt")))
+    return param.ndim < 2 or any(exempt)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay)
+    """AdamW over per-tower, per-layer groups (layer-wise lr decay, per-tower lr and weight decay)."""
+    from cliptune.tuning.param_groups import describe_groups
+    from cliptune.tuning.param_groups import param_groups as layered_groups
+
+    groups = layered_groups(model, cfg)
     if not groups:
         raise ValueError("nothing to train: every parameter is locked (see the `finetune` section of the config)")
+    logging.getLogger("cliptune").info("parameter groups:\n%s", describe_groups(groups))
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
 
 

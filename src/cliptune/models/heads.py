@@ -1,0 +1,189 @@
+"""New projection heads on top of any model's normalised embeddings (`finetune.heads: linear | mlp`).
+
+Seed 000's "lock CLIP and add linear/MLP heads": `HeadedModel` wraps a built `ClipModel` (`self.base`) and maps each
+tower's normalised embedding (size D) through a new D -> D head. Both heads start as the identity (linear: identity
+matrix; mlp: `x + MLP(x)` with the last layer zero), so before training the wrapped model embeds exactly as the base
+does and epoch 0 equals zero-shot. The base's whole encoder is the "trunk" (`image_trunk` / `text_trunk`), the new
+head is the head: with both towers locked only the heads and the temperature train, and `Encoding` caches the trunks.
+
+Saved as `{"backend": "heads", "heads": kind, "base": base.spec()}` with the base's assets beside it, so
+`cliptune.models.load_model` rebuilds the base with its own backend and wraps it again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import nn
+
+from cliptune.config import ModelConfig
+from cliptune.models.base import ClipModel, Tower
+from cliptune.models.errors import ModelError
+
+HEAD_KINDS = ("linear", "mlp")
+_PROBE_SIDE = 224  # any size: the base's eval transform resizes the probe image to what its image tower takes
+
+
+class ResidualMLP(nn.Module):
+    """x + Linear(GELU(Linear(x))), the last layer zero-initialised so it starts as the identity."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, dim)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(dim, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)  # fc1 keeps its default init: with fc2 at zero, the sum is x whatever fc1 is
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(self.act(self.fc1(x)))
+
+
+def check_kind(kind: str) -> None:
+    if kind not in HEAD_KINDS:
+        raise ModelError(f"finetune.heads: {kind!r} is unknown; choose one of {', '.join(HEAD_KINDS)} (or none)")
+
+
+def make_head(kind: str, dim: int) -> nn.Module:
+    """A D -> D head that is the identity at initialisation."""
+    check_kind(kind)
+    if kind == "linear":
+        head = nn.Linear(dim, dim, bias=False)  # no bias, as CLIP's projections: the output is normalised
+        with torch.no_grad():
+            head.weight.copy_(torch.eye(dim))
+        return head
+    return ResidualMLP(dim)
+
+
+class HeadedModel(ClipModel):
+    """Any `ClipModel` with a new head on each tower's normalised embedding."""
+
+    backend = "heads"
+
+    def __init__(self, base: ClipModel, kind: str) -> None:
+        super().__init__()
+        check_kind(kind)  # before the probe runs the base
+        self.base = base
+        self.kind = kind
+        self.train_transform, self.eval_transform = base.train_transform, base.eval_transform
+        dim, self._module_sides = _probe(base)
+        self._param_sides = {
+            f"{module}.{name}": side
+            for module, side in self._module_sides.items()
+            for name, _ in base.get_submodule(module).named_parameters()
+        }
+        reference = next(base.parameters())
+        self.heads = nn.ModuleDict({t: make_head(kind, dim) for t in ("image", "text")})
+        self.heads.to(device=reference.device, dtype=reference.dtype)
+        self.train(base.training)
+
+    # --- trunk and head of each tower, public so a trainer can cache a locked trunk's outputs
+
+    def image_trunk(self, images: torch.Tensor) -> torch.Tensor:
+        """The base model's normalised image embedding [B, D]."""
+        return self.base.encode_image(images, normalize=True)
+
+    def image_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.heads["image"](features)
+
+    def text_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The base model's normalised text embedding [B, D]."""
+        return self.base.encode_text(tokens, normalize=True)
+
+    def text_head(self, features: torch.Tensor) -> torch.Tensor:
+        return self.heads["text"](features)
+
+    # --- the ClipModel interface
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_head(self.image_trunk(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text_head(self.text_trunk(tokens))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.base.tokenize(texts)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.base.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The base's sigmoid-loss bias (SigLIP), None when it has none."""
+        return getattr(self.base, "logit_bias", None)
+
+    def tower_of(self, param_name: str) -> Tower:
+        if not param_name.startswith("base."):
+            return "shared"  # the new heads
+        name = param_name.removeprefix("base.")
+        return self._param_sides.get(name) or self.base.tower_of(name)
+
+    def tower_modules(self, tower: Tower) -> list[nn.Module]:
+        # A base "shared" module that only one side uses (a composed model's projection) is part of that trunk.
+        moved = {name: self.base.get_submodule(name) for name in self._module_sides}
+        if tower == "shared":
+            kept = [m for m in self.base.tower_modules("shared") if all(m is not n for n in moved.values())]
+            return [*kept, self.heads]
+        return [*self.base.tower_modules(tower), *(m for n, m in moved.items() if self._module_sides[n] == tower)]
+
+    def spec(self) -> dict[str, Any]:
+        return {"backend": self.backend, "heads": self.kind, "base": self.base.spec()}
+
+    def save_assets(self, folder: Path) -> None:
+        self.base.save_assets(folder)  # the heads' weights are in the state dict; their layout is in spec()
+
+
+def _probe(base: ClipModel) -> tuple[int, dict[str, Tower]]:
+    """(embedding size D, name of each base "shared" module that one tower alone uses -> that tower).
+
+    One dummy caption and image go through the base in eval mode without gradients. Hooks on the base's shared
+    modules tell which side uses each: a composed model's projections are shared in the base, but here they sit
+    inside a trunk, so they must be locked, cached and fingerprinted with that tower.
+    """
+    names = {id(m): n for n, m in base.named_modules()}
+    shared = [m for m in base.tower_modules("shared") if id(m) in names]
+    used: dict[str, set[Tower]] = {names[id(m)]: set() for m in shared}
+    side: list[Tower] = ["image"]  # which encoder is running, read by the hooks
+    hooks = [m.register_forward_hook(lambda mod, *_: used[names[id(mod)]].add(side[0])) for m in shared]
+    was_training = base.training
+    base.eval()
+    device = next(base.parameters()).device
+    try:
+        with torch.no_grad():
+            picture = base.eval_transform(Image.new("RGB", (_PROBE_SIDE, _PROBE_SIDE), (128, 128, 128)))
+            image_dim = base.encode_image(picture.unsqueeze(0).to(device)).shape[-1]
+            side[0] = "text"
+            text_dim = base.encode_text(base.tokenize(["a photo"]).to(device)).shape[-1]
+    finally:
+        for hook in hooks:
+            hook.remove()
+        base.train(was_training)
+    if image_dim != text_dim:
+        raise ModelError(f"cannot add heads: image embeddings have size {image_dim}, text embeddings {text_dim}")
+    return image_dim, {name: towers.pop() for name, towers in used.items() if len(towers) == 1}
+
+
+def add_heads(model: ClipModel, kind: str) -> HeadedModel:
+    """`model` with a new identity-initialised head (`linear` or `mlp`) on each tower's normalised embedding."""
+    return HeadedModel(model, kind)
+
+
+def build(cfg: ModelConfig) -> HeadedModel:
+    raise ModelError(
+        "model.backend: 'heads' is not a model family; build the model with its own backend and set "
+        "finetune.heads: linear or mlp to add heads on top of it"
+    )
+
+
+def rebuild(spec: dict[str, Any], folder: Path | None = None) -> HeadedModel:
+    """The saved architecture: the base rebuilt by its own backend (offline), wrapped in new heads."""
+    from cliptune.models import rebuild as rebuild_base  # the backend table imports this module lazily
+
+    return HeadedModel(rebuild_base(spec["base"], folder), spec["heads"])
