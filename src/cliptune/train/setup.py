@@ -29,7 +29,7 @@ from cliptune.train.optim import build_optimizer, build_scheduler
 from cliptune.tuning.ema import EMA
 from cliptune.tuning.locking import apply_locking, fully_locked_towers
 from cliptune.tuning.lora import apply_lora
-from cliptune.tuning.strategies import keep_prompts_trainable, lora_towers, save_initial_state, wrap
+from cliptune.tuning.strategies import changing_state, keep_prompts_trainable, lora_towers, save_initial_state, wrap
 from cliptune.tuning.wise import INITIAL_FILE
 
 Callback = Callable[["Trainer"], None]
@@ -140,11 +140,11 @@ def _prepare_model(cfg: RunConfig, resuming: bool) -> tuple[ClipModel, list[Towe
     model = _build_model(cfg, cfg.run_dir, resuming)
     apply_locking(model, cfg.finetune)
     keep_prompts_trainable(model)
-    plain = None if resuming else {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
-    if cfg.finetune.lora.rank:
-        apply_lora(model, lora_towers(model, cfg.finetune.lora))
-    if plain is not None:
-        save_initial_state(model, plain, cfg.run_dir / INITIAL_FILE)
+    lora = lora_towers(model, cfg.finetune.lora) if cfg.finetune.lora.rank else None
+    if not resuming:
+        save_initial_state(changing_state(model, lora.towers if lora else []), cfg.run_dir / INITIAL_FILE)
+    if lora is not None:
+        apply_lora(model, lora)
     return model, fully_locked_towers(model)
 
 

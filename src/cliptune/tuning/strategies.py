@@ -37,12 +37,27 @@ def keep_prompts_trainable(model: ClipModel) -> None:
             module.prompt.requires_grad_(True)
 
 
-def save_initial_state(model: ClipModel, before_adapters: dict[str, torch.Tensor], path: Path) -> None:
-    """Starting weights of the towers that train (as plain, adapter-free tensors); locked towers never change."""
+def changing_state(model: ClipModel, adapted: list[str]) -> dict[str, torch.Tensor]:
+    """A copy of the tensors that training can change, taken before any adapter is added, for WiSE-FT.
+
+    That is every trainable parameter, the buffers (BatchNorm statistics) of towers that are not fully locked, and
+    whole towers that LoRA will adapt (their merged weights change). Locked weights are the same at both ends of
+    a run, so they are not stored twice.
+    """
     locked = set(fully_locked_towers(model))
-    keep = {k: v.contiguous() for k, v in before_adapters.items() if model.tower_of(k) not in locked}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    buffers = {n for n, _ in model.named_buffers()}
+    keep = {}
+    for name, value in model.state_dict().items():
+        tower = model.tower_of(name)
+        if name in trainable or tower in adapted or (name in buffers and tower not in locked):
+            keep[name] = value.detach().cpu().clone().contiguous()
+    return keep
+
+
+def save_initial_state(state: dict[str, torch.Tensor], path: Path) -> None:
     with atomic_write(path) as tmp:
-        save_file(keep, str(tmp))
+        save_file(state, str(tmp))
 
 
 def lora_towers(model: ClipModel, cfg: LoraConfig) -> LoraConfig:
