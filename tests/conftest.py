@@ -3,10 +3,20 @@
 from pathlib import Path
 
 import pytest
+import torch
 
 from cliptune.config import ModelConfig
 from cliptune.data.synthetic import make_shapes
 from tests.helpers import every_backend, save_tiny_bert
+
+
+@pytest.fixture(scope="session", autouse=True)
+def one_thread():
+    """Tiny models gain nothing from threads; on a busy 2-core machine, threads waiting on each other cost far more."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -25,16 +25,6 @@ TRAINED += [("composed", "mlp")]
 COLOURS = [(200, 30, 30), (30, 200, 30), (30, 30, 200), (220, 220, 20)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models gain nothing from threads; on a busy shared CPU, OpenMP threads waiting on each other cost
-    several times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def pictures() -> list[Image.Image]:
     return [Image.new("RGB", (40, 40), c) for c in COLOURS]
 

@@ -39,16 +39,6 @@ TOKEN_EMBEDDING = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """These tiny models gain nothing from threads; on a busy shared CPU, OpenMP threads waiting on each other cost
-    several times the work itself."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _contains(name: str, part: str) -> bool:
     # the rule, restated independently: whole dotted components, anywhere in the name
     return f".{part}." in f".{name}."

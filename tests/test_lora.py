@@ -37,15 +37,6 @@ def lora(**kw) -> LoraConfig:
     return LoraConfig(**{"rank": 4, "alpha": 8.0, "targets": TARGETS, **kw})
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads; on a busy shared CPU, threads waiting on each other cost far more."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def make(backends):
     """name -> a fresh copy of that backend's tiny model (each is built once per module)."""

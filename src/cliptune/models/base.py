@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 Tower = Literal["image", "text", "shared"]
@@ -56,3 +57,31 @@ class ClipModel(nn.Module):
 
     def tower_parameters(self, tower: Tower) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if self.tower_of(n) == tower}
+
+
+class TrunkHeadModel(ClipModel):
+    """A model whose towers split into a trunk and a projection head.
+
+    The split lets a locked trunk's outputs be computed once and reused (`cliptune.eval.encode.Encoding`) while the
+    heads train.
+    """
+
+    def image_trunk(self, images: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def image_head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_trunk(self, tokens: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def text_head(self, features: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.image_head(self.image_trunk(images))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        x = self.text_head(self.text_trunk(tokens))
+        return F.normalize(x, dim=-1) if normalize else x

@@ -14,11 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from cliptune.config import ModelConfig, TowerConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import Tower, TrunkHeadModel
 from cliptune.models.errors import ModelError
 from cliptune.models.towers import (
     ImageTower,
@@ -58,7 +57,7 @@ class Layout:
     init_temperature: float = 0.07
 
 
-class ComposedClip(ClipModel):
+class ComposedClip(TrunkHeadModel):
     backend = "composed"
 
     def __init__(self, layout: Layout, image: ImageTower, text: TextTower) -> None:
@@ -96,14 +95,6 @@ class ComposedClip(ClipModel):
         return self.text_projection(features)
 
     # --- the ClipModel interface
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.image_head(self.image_trunk(images))
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.text_head(self.text_trunk(tokens))
-        return F.normalize(x, dim=-1) if normalize else x
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.text_tower.tokenize(texts)

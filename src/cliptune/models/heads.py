@@ -16,12 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ClipModel, Tower, TrunkHeadModel
 from cliptune.models.errors import ModelError
 
 HEAD_KINDS = ("linear", "mlp")
@@ -59,7 +58,7 @@ def make_head(kind: str, dim: int) -> nn.Module:
     return ResidualMLP(dim)
 
 
-class HeadedModel(ClipModel):
+class HeadedModel(TrunkHeadModel):
     """Any `ClipModel` with a new head on each tower's normalised embedding."""
 
     backend = "heads"
@@ -98,14 +97,6 @@ class HeadedModel(ClipModel):
         return self.heads["text"](features)
 
     # --- the ClipModel interface
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.image_head(self.image_trunk(images))
-        return F.normalize(x, dim=-1) if normalize else x
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        x = self.text_head(self.text_trunk(tokens))
-        return F.normalize(x, dim=-1) if normalize else x
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self.base.tokenize(texts)
