@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -89,7 +90,7 @@ def run_strategy(name: str, extra: dict[str, Any], init: str, args: argparse.Nam
         .replace(")", "")
         .replace("=", ""),
         "model": {"init": init},
-        "data": {"train": {"path": str(train_csv)}},
+        "data": {"train": {"path": str(train_csv), "images_root": str(ROOT / "data/emoji")}},
         "eval": EVAL,
         "train": {"epochs": args.epochs, "batch_size": args.batch_size},
         "optim": {"lr": args.lr, "warmup_steps": 10, "weight_decay": 0.1, **extra.get("optim", {})},
@@ -150,6 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", nargs="*", default=None, help="run only these strategies")
     args = parser.parse_args(argv)
     logging.disable(logging.INFO)
+    shutil.rmtree(WORK, ignore_errors=True)  # every row is a fresh run; the feature cache lives elsewhere
     init = source_model(args.source_epochs)
     train_csv = subsample(args.train_images)
     rows = {}
