@@ -127,3 +127,21 @@ def test_init_from_a_run_continues_from_its_weights(shapes, tmp_path):
 def test_lora_on_a_locked_tower_is_refused(shapes, tmp_path):
     with pytest.raises(ConfigError, match=r"finetune\.lora\.towers"):
         _run(shapes, tmp_path, finetune={"lock_image": True, "lock_text": True, "lora": {"rank": 4}})
+
+
+@pytest.mark.slow
+def test_chunked_batches_train_like_whole_batches(shapes, tmp_path, monkeypatch):
+    """GradCache in the trainer: a batch of 16 in chunks of 5 gives the weights of the unchunked run."""
+    from cliptune.train import loop
+
+    whole = _run(shapes, tmp_path / "whole", epochs=1)
+    calls = []
+    original = loop.chunked_backward
+    monkeypatch.setattr(loop, "chunked_backward", lambda *a, **k: calls.append(a[4]) or original(*a, **k))
+    chunked = _run(shapes, tmp_path / "chunked", epochs=1, train={"batch_size": 16, "chunk_size": 5})
+    assert calls and set(calls) == {5}
+    a = load_file(str(Path(whole["run_dir"]) / "model" / "model.safetensors"))
+    b = load_file(str(Path(chunked["run_dir"]) / "model" / "model.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=2e-5, rtol=1e-4)
+    assert chunked["final"]["val"] == pytest.approx(whole["final"]["val"], abs=1.0)

@@ -156,6 +156,9 @@ class LossConfig:
 class TrainConfig:
     epochs: int = _doc(3, "passes over the training table")
     batch_size: int = _doc(32, "contrastive batch size (images per step)")
+    chunk_size: int | None = _doc(
+        None, "largest piece of the batch that goes through the towers at once (GradCache); null: the whole batch"
+    )
     keep_checkpoints: int = _doc(2, "how many epoch checkpoints to keep (the newest)")
     cache_locked: bool = _doc(
         True, "run each input through a locked tower once and reuse its output (that tower sees no augmentation)"
@@ -358,6 +361,8 @@ def _check_ranges(cfg: RunConfig) -> None:
         if not limit_ok:
             bound = "> 0" if (section, key) in _POSITIVE else ">= 0"
             raise ConfigError(f"{section}.{key}: {value!r} is not allowed; it must be {bound}")
+    if cfg.train.chunk_size is not None and cfg.train.chunk_size < 1:
+        raise ConfigError(f"train.chunk_size: {cfg.train.chunk_size!r} must be >= 1, or null for the whole batch")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"optim.grad_clip: {cfg.optim.grad_clip!r} must be > 0, or null to disable clipping")
     names = [s.name for s in cfg.eval.retrieval] + [s.name for s in cfg.eval.zeroshot]

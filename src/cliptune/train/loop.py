@@ -18,6 +18,7 @@ from cliptune.losses import LOSSES, MAX_LOGIT_SCALE
 from cliptune.models.base import Tower
 from cliptune.train.checkpoint import save_checkpoint
 from cliptune.train.finish import finish
+from cliptune.train.gradcache import chunked_backward
 from cliptune.train.logging import log
 from cliptune.train.setup import Callback, Trainer, make_loader
 from cliptune.tuning.locking import set_train_mode, trainable_summary
@@ -37,17 +38,39 @@ def _features(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> t
     return _embed(trainer, "image", images), _embed(trainer, "text", tokens)
 
 
-def train_step(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> float:
+def _backward(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Loss and gradients of one contrastive batch, in chunks (GradCache) when it exceeds train.chunk_size."""
     cfg, model = trainer.cfg, trainer.model
+    loss_fn = LOSSES[cfg.loss.name]
+    chunk = cfg.train.chunk_size
+    if chunk is not None and chunk < len(images):
+        return chunked_backward(
+            model,
+            images,
+            tokens,
+            loss_fn,
+            chunk,
+            encode_image=lambda x: _embed(trainer, "image", x),
+            encode_text=lambda x: _embed(trainer, "text", x),
+            forward_context=lambda: autocast(trainer.device, cfg.runtime.precision),
+            towers=[t for t in ("image", "text") if t not in trainer.locked],
+        )
     with autocast(trainer.device, cfg.runtime.precision):
         image_features, text_features = _features(trainer, images, tokens)
-    loss = LOSSES[cfg.loss.name](image_features, text_features, model.logit_scale.float())
+    loss = loss_fn(image_features, text_features, model.logit_scale.float())
+    if torch.isfinite(loss):
+        loss.backward()
+    return loss.detach()
+
+
+def train_step(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> float:
+    cfg, model = trainer.cfg, trainer.model
+    trainer.optimizer.zero_grad(set_to_none=True)
+    loss = _backward(trainer, images, tokens)
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {trainer.state.step}: lower optim.lr or enable optim.grad_clip"
         )
-    trainer.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
     if cfg.optim.grad_clip is not None:
         params = [p for p in model.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
