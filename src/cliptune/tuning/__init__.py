@@ -1,5 +1,1 @@
-"""What is trainable and how: tower locking (more strategies plug in here)."""
-
-from cliptune.tuning.locking import apply_locking, trainable_summary
-
-__all__ = ["apply_locking", "trainable_summary"]
+"""What trains and how: locking, LoRA, layer-wise lr decay, EMA, WiSE-FT; `strategies` applies them to a model."""
