@@ -100,3 +100,19 @@ def test_unknown_tag_and_missing_file():
 def test_offline_hub_gives_an_actionable_error(offline_hub):
     with pytest.raises(ModelError, match=r"hub is unreachable.*set model.pretrained to the local file path"):
         build_model(ModelConfig(arch="RN50", pretrained="openai"))
+
+
+def test_text_runs_over_the_longest_caption_only_with_identical_output(model):
+    captions = ["a", "a red circle on a white background", "two " * 40]  # the last one fills the whole context
+    for batch in (captions[:2], captions):
+        tokens = model.tokenize(batch)
+        with torch.no_grad():
+            ours = model.encode_text(tokens)
+            full = model.model.encode_text(tokens, normalize=True)
+        torch.testing.assert_close(ours, full, atol=1e-6, rtol=0)
+    calls = []
+    hook = model.model.transformer.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[1]))
+    with torch.no_grad():
+        model.encode_text(model.tokenize(captions[:2]))
+    hook.remove()
+    assert calls == [9], "the text transformer ran over more than the longest caption (7 words + start + end)"

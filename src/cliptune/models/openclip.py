@@ -12,6 +12,7 @@ from typing import Any
 
 import open_clip
 import torch
+import torch.nn.functional as F
 from open_clip.transformer import QuickGELU
 from torch import nn
 
@@ -43,7 +44,33 @@ class OpenClipModel(ClipModel):
         return self.model.encode_image(images, normalize=normalize)
 
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.model.encode_text(tokens, normalize=normalize)
+        if not self._trims_text():
+            return self.model.encode_text(tokens, normalize=normalize)
+        x = self._trimmed_text_features(tokens)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _trims_text(self) -> bool:
+        m = self.model
+        return getattr(m, "attn_mask", None) is not None and getattr(m, "text_pool_type", None) == "argmax"
+
+    def _trimmed_text_features(self, tokens: torch.Tensor) -> torch.Tensor:
+        """open_clip's text forward over the batch's longest caption instead of the whole context.
+
+        Under the causal mask no position attends to later ones, and pooling reads the end-of-text position (the
+        highest token id, hence argmax), so dropping the padding after the longest caption changes nothing but the
+        cost: captions are usually under 25 of the 77 tokens.
+        """
+        m = self.model
+        length = int(tokens.argmax(dim=-1).max()) + 1
+        tokens = tokens[:, :length]
+        cast = m.transformer.get_cast_dtype()
+        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
+        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
+        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        projection = m.text_projection
+        if isinstance(projection, nn.Linear):
+            return projection(x)
+        return x if projection is None else x @ projection
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self._tokenizer(texts)
