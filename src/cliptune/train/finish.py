@@ -66,5 +66,5 @@ def _run_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
         "seconds_this_session": round(seconds, 1),
         "device": str(trainer.device),
         "precision": trainer.cfg.runtime.precision,
-        "trainable_parameters": sum(p.numel() for p in trainer.model.parameters() if p.requires_grad),
+        "trainable_parameters": trainer.trainable_parameters,
     }

@@ -76,6 +76,10 @@ class Trainer:
     ema: EMA | None = None
     skipped_samples: int = 0
 
+    def __post_init__(self) -> None:
+        # Counted before training ends: merging LoRA at the end removes the adapters that were trained.
+        self.trainable_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.train.epochs
