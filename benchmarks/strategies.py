@@ -164,8 +164,9 @@ def main(argv: list[str] | None = None) -> int:
     source = next(iter(rows.values()))["baseline"]
     best = max(rows, key=lambda n: rows[n]["final"]["emoji"]["mean_recall"])
     wise = {} if args.no_wise else wise_of(rows[best]["run_dir"], [0.0, 0.25, 0.5, 0.75, 1.0])
+    command = " ".join(f'"{a}"' if " " in a else a for a in sys.argv[1:])
     body = (
-        f"`python benchmarks/strategies.py --epochs {args.epochs} --train-images {args.train_images}` on "
+        f"`python benchmarks/strategies.py {command}` on "
         f"{machine()}.\n\nSource: lite0-minilm heads aligned on Open Clip Art ({args.source_epochs} epochs, "
         f"towers locked). Target: {args.train_images} Noto emoji training images, {args.epochs} epochs, "
         f"batch {args.batch_size}, lr {args.lr}, seed 0 for every row. Held-out sets: 378 emoji (new domain), "
