@@ -35,3 +35,12 @@ def test_encode_a_plain_list_of_image_paths(shapes, tmp_path, capsys):
     assert main(["encode", "--model", "cliptune-tiny-vit", "--images", str(listing), "--out", str(out)]) == 0
     emb = np.load(out)
     assert emb.shape == (3, 64) and np.allclose(np.linalg.norm(emb, axis=1), 1.0, atol=1e-5)
+
+
+def test_eval_of_a_label_list_without_templates(shapes, tmp_path, capsys):
+    """A `path label` list needs no other option: the default template applies (a .txt is never a caption table)."""
+    paths = sorted((shapes / "images").glob("val_*.png"))[:6]
+    listing = tmp_path / "labels.txt"
+    listing.write_text("".join(f"{p}\t{'red' if i % 2 else 'blue'} shape\n" for i, p in enumerate(paths)))
+    assert main(["eval", "--model", "cliptune-tiny-vit", "--data", str(listing)]) == 0
+    assert '"acc1"' in capsys.readouterr().out

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from cliptune import config as config_mod
-from cliptune.config import ConfigError, RunConfig, TableSpec, ZeroShotSpec
+from cliptune.config import RunConfig, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
 from cliptune.eval import Encoding, evaluate_retrieval, evaluate_zeroshot
 from cliptune.inference import Encoder, load, load_any
@@ -28,13 +28,6 @@ def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
     return nested
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
-    return out
-
-
 def resolve_config(
     source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, **kwargs: Any
 ) -> RunConfig:
@@ -46,7 +39,7 @@ def resolve_config(
         path = Path(source)
         base = config_mod.load(path)  # validates the file on its own, so errors name it
         data = config_mod.to_dict(base)
-    return config_mod.build(_merge(data, _overrides(kwargs)), overrides)
+    return config_mod.build(config_mod.merge(data, _overrides(kwargs)), overrides)
 
 
 def finetune(
@@ -72,20 +65,19 @@ def finetune(
     return {**results, "run_dir": str(trainer.run_dir)}
 
 
+def is_labelled_images(path: str | Path) -> bool:
+    """A class folder or a `path label` .txt list (zero-shot classification); anything else is a caption table."""
+    return Path(path).is_dir() or Path(path).suffix == ".txt"
+
+
 def _dataset(spec: DatasetSpec) -> TableSpec | ZeroShotSpec:
     if isinstance(spec, (TableSpec, ZeroShotSpec)):
         return spec
-    if isinstance(spec, dict):
-        zeroshot = "templates" in spec or "classnames" in spec or Path(spec.get("path", "")).is_dir()
-        return config_mod.from_dict(ZeroShotSpec if zeroshot else TableSpec, spec, prefix="dataset")
-    path = Path(spec)
-    if path.is_dir() or path.suffix == ".txt":
-        return ZeroShotSpec(path=str(path))
-    if path.suffix in (".csv", ".tsv", ".jsonl"):
-        return TableSpec(path=str(path))
-    raise ConfigError(
-        f"dataset {str(path)!r}: expected a .csv/.tsv/.jsonl caption table, a class folder or a `path label` .txt list"
-    )
+    if not isinstance(spec, dict):
+        spec = {"path": str(spec)}
+    zeroshot = "templates" in spec or "classnames" in spec or is_labelled_images(spec.get("path", ""))
+    # the table reader names the supported formats if the file is neither
+    return config_mod.from_dict(ZeroShotSpec if zeroshot else TableSpec, spec, prefix="dataset")
 
 
 def evaluate(

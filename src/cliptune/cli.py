@@ -35,8 +35,10 @@ def _num(value: float | None) -> str:
 
 
 def _dataset_arg(args: argparse.Namespace) -> dict:
+    from cliptune.api import is_labelled_images
+
     spec = {"path": args.data}
-    if Path(args.data).is_dir() or args.data.endswith(".txt"):
+    if is_labelled_images(args.data):
         if args.templates:
             spec["templates"] = args.templates
     else:

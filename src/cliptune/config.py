@@ -390,14 +390,16 @@ def _expand_preset(data: dict[str, Any]) -> None:
         close = difflib.get_close_matches(str(name), list(PRESETS), n=3, cutoff=0.4)
         hint = f"; did you mean {', '.join(close)}?" if close else ""
         raise ConfigError(f"model.preset: {name!r} is not a preset{hint} (presets: {', '.join(PRESETS)})")
-    data["model"] = _merge(_deepcopy(PRESETS[name]), model)
+    data["model"] = merge(PRESETS[name], model)
 
 
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+def merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """A copy of nested `base` with `extra` written over it, section by section; neither input is changed."""
+    out = _deepcopy(base)
     for key, value in extra.items():
-        both_dicts = isinstance(value, dict) and isinstance(base.get(key), dict)
-        base[key] = _merge(base[key], value) if both_dicts else value
-    return base
+        both_dicts = isinstance(value, dict) and isinstance(out.get(key), dict)
+        out[key] = merge(out[key], value) if both_dicts else _deepcopy(value)
+    return out
 
 
 def build(data: dict[str, Any] | None = None, overrides: list[str] | None = None) -> RunConfig:
