@@ -3,8 +3,9 @@
 #
 #   scripts/install_data_packages.sh [NPM_DIR]
 #
-# - Debian: openclipart-png, openclipart-svg (Open Clip Art Library, public domain) and
-#   fonts-noto-color-emoji (the emoji font). Each is installed only if `dpkg -s` says it is missing,
+# - Debian: openclipart-png, openclipart-svg (Open Clip Art Library, public domain),
+#   fonts-noto-color-emoji (the emoji font), wordnet-base (WordNet for hard-negative captions) and
+#   dataset-fashion-mnist (a labelled set for classification fine-tuning). Each is installed only if `dpkg -s` says it is missing,
 #   and `apt-get update` runs only when something has to be installed.
 # - npm: emojibase-data (emoji labels and tags) into NPM_DIR (default data/.npm), skipped when present.
 #
@@ -13,7 +14,7 @@
 set -euo pipefail
 
 NPM_DIR="${1:-data/.npm}"
-DEB_PACKAGES=(openclipart-png openclipart-svg fonts-noto-color-emoji)
+DEB_PACKAGES=(openclipart-png openclipart-svg fonts-noto-color-emoji wordnet-base dataset-fashion-mnist)
 
 # Choose how to get root for apt-get; empty SUDO means "already root".
 SUDO=""

@@ -70,6 +70,9 @@ class TableSpec:
     caption_key: str = _doc("caption", "column holding one caption or a list of captions")
     images_root: str | None = _doc(None, "folder image paths are relative to (default: the table's folder)")
     split: str | None = _doc(None, "Karpathy-split JSON (dataset_coco.json) only: e.g. train, val, test, train+restval")
+    negatives_key: str | None = _doc(
+        None, "training: column of hard-negative captions (a list, or `|`-separated) used instead of generated ones"
+    )
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -99,14 +102,47 @@ class ZeroShotSpec:
 
 
 @dataclass
+class CompositionalitySpec:
+    """Images with a true caption and false ones (SugarCrepe / ARO form); build one with `cliptune negatives`."""
+
+    path: str = _doc(doc="CSV, TSV or JSONL with columns image, caption, negatives")
+    name: str = _doc("", "name used in metrics and results (defaults to the file stem)")
+    images_root: str | None = _doc(None, "folder image paths are relative to (default: the table's folder)")
+
+    def __post_init__(self) -> None:
+        if not self.name:
+            self.name = Path(self.path).stem
+
+
+@dataclass
 class DataConfig:
     train: TableSpec | None = _doc(None, "training image-caption table")
+    labelled: ZeroShotSpec | None = _doc(
+        None,
+        "training on labelled images: loss.name ce (FT-CLIP head), or a contrastive loss on class prompts (FLYP)",
+    )
+    shards: str | None = _doc(
+        None, "training from webdataset shards (folder written by `cliptune shards`, brace pattern or URL)"
+    )
+    shard_resample: bool = _doc(False, "shards: draw shards with replacement (needs data.samples_per_epoch)")
+    samples_per_epoch: int | None = _doc(None, "shards: samples per epoch (default: all samples of the manifest)")
+    shuffle_buffer: int = _doc(1000, "shards: samples in the shuffle buffer")
+
+    def __post_init__(self) -> None:
+        given = [k for k in ("train", "labelled", "shards") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ConfigError(f"data: set only one of data.train, data.labelled, data.shards (got {', '.join(given)})")
+        if self.shard_resample and self.samples_per_epoch is None:
+            raise ConfigError("data.shard_resample: resampled shards need data.samples_per_epoch")
 
 
 @dataclass
 class EvalConfig:
     retrieval: list[TableSpec] = _doc(doc="retrieval sets", default_factory=list)
     zeroshot: list[ZeroShotSpec] = _doc(doc="zero-shot classification sets", default_factory=list)
+    compositionality: list[CompositionalitySpec] = _doc(
+        doc="true-vs-false caption sets: accuracy of ranking the true caption first", default_factory=list
+    )
     batch_size: int = _doc(64, "images or captions per forward pass at evaluation")
     wise_alphas: list[float] = _doc(
         doc="WiSE-FT: after training, evaluate (1-a)*initial + a*fine-tuned weights for each a",
@@ -149,7 +185,37 @@ class FinetuneConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _choice("clip", "clip", doc="training objective")
+    name: str = _choice(
+        "clip",
+        "clip",
+        "siglip",
+        "negclip",
+        "fsc",
+        "unicl",
+        "ce",
+        doc="training objective: CLIP InfoNCE, SigLIP sigmoid, NegCLIP / FSC-CLIP hard negatives, UniCL label-aware "
+        "targets, ce = cross-entropy through a zero-shot-initialised class head (FT-CLIP, data.labelled)",
+    )
+    local_loss: bool = _doc(True, "multi-process: each rank computes its rows against the gathered batch only")
+    hard_negatives: int = _doc(1, "negclip / fsc: hard-negative captions per caption")
+    negative_kinds: list[str] = _doc(
+        doc="generated negatives: swap (same-kind spans), replace (antonyms, co-hyponyms, prepositions), shuffle",
+        default_factory=lambda: ["swap", "replace", "shuffle"],
+    )
+    tagger: str = _choice("auto", "auto", "spacy", "rules", doc="part-of-speech tagger for generated negatives")
+    global_weight: float = _doc(0.5, "fsc: weight of the global hard-negative loss")
+    local_weight: float = _doc(0.2, "fsc: weight of the local (token-level) hard-negative loss; 0 turns it off")
+    focal_gamma: float = _doc(2.0, "fsc: focal-loss gamma of the hard-negative losses")
+    negative_smoothing: float = _doc(0.02, "fsc: label smoothing of the hard-negative losses")
+    label_smoothing: float = _doc(0.1, "ce: label smoothing of the classification loss")
+    siglip_bias_init: float = _doc(-10.0, "siglip: initial logit bias when the model has none")
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.negative_kinds) - {"swap", "replace", "shuffle"})
+        if unknown:
+            raise ConfigError(f"loss.negative_kinds: {unknown} unknown; choose among swap, replace, shuffle")
+        if self.hard_negatives < 1:
+            raise ConfigError(f"loss.hard_negatives: {self.hard_negatives!r} must be >= 1")
 
 
 @dataclass
@@ -163,6 +229,7 @@ class TrainConfig:
     cache_locked: bool = _doc(
         True, "run each input through a locked tower once and reuse its output (that tower sees no augmentation)"
     )
+    grad_checkpointing: bool = _doc(False, "recompute tower activations in the backward pass (less memory, slower)")
 
 
 @dataclass
@@ -195,6 +262,8 @@ class RuntimeConfig:
     feature_cache: str | None = _doc(
         None, "folder that keeps locked-tower outputs across runs (null: keep them for this run only)"
     )
+    compile: bool = _doc(False, "torch.compile the training forward pass")
+    channels_last: bool = _doc(False, "channels-last memory format for images and the image tower (pays for convnets)")
 
     def __post_init__(self) -> None:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
@@ -365,7 +434,7 @@ def _check_ranges(cfg: RunConfig) -> None:
         raise ConfigError(f"train.chunk_size: {cfg.train.chunk_size!r} must be >= 1, or null for the whole batch")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"optim.grad_clip: {cfg.optim.grad_clip!r} must be > 0, or null to disable clipping")
-    names = [s.name for s in cfg.eval.retrieval] + [s.name for s in cfg.eval.zeroshot]
+    names = [s.name for s in (*cfg.eval.retrieval, *cfg.eval.zeroshot, *cfg.eval.compositionality)]
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"eval: set name(s) {', '.join(dupes)} used twice; give each set a distinct `name`")

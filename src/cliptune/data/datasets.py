@@ -14,12 +14,20 @@ from torch.utils.data import Dataset
 from cliptune.data.errors import DataError
 from cliptune.data.images import load_rgb
 from cliptune.data.tables import CaptionTable
+from cliptune.losses.unicl import caption_groups
 
 logger = logging.getLogger("cliptune.data")
 
 Transform = Callable[[Image.Image], torch.Tensor]
 Tokenize = Callable[[list[str]], torch.Tensor]
-Pair = tuple[torch.Tensor, torch.Tensor]
+Sample = tuple[torch.Tensor, ...]
+# (caption, seed) -> hard-negative captions of it (cliptune.data.negatives.NegativeGenerator.negatives, or a lookup).
+NegativeSource = Callable[[str, str], list[str]]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that is a pure function of (seed, epoch, index): the same in every worker, rank and run."""
+    return random.Random(f"augment:{seed}:{epoch}:{index}").getrandbits(63)
 
 
 class TrainPairs(Dataset):
@@ -27,6 +35,16 @@ class TrainPairs(Dataset):
 
     With `image_features` ([images, F]) or `text_features` ([captions in `table.flat()` order, F]) given, the
     sample holds that precomputed row instead: what a locked tower produced once, reused every epoch.
+
+    Extra fields, after (image, tokens), in `fields` order: `group` (with `labels` or `groups=True`) is an id shared by
+    samples that are not negatives of each other (the image's class label, else the id of its caption text: label-aware
+    targets); `negatives` ([hard_negatives, L] tokens) and `negative_mask` ([hard_negatives] bool, False where the
+    caption admitted fewer negatives) come from `negatives`, a function of (caption, seed) that is called here, in the
+    loader, so generating them runs in the worker processes.
+
+    Random augmentation of sample `index` in `epoch` draws from a generator seeded by (seed, epoch, index) only, so a
+    sample is augmented the same way whatever the number of workers or processes (a 2-process run sees exactly the
+    images a 1-process run does) and a resumed run replays it.
 
     An image that fails to load here (deleted or corrupt since the table was checked) gives `None`, which
     `collate_skip_none` drops. `failed` holds the paths that failed and `skipped` counts the `None` samples,
@@ -42,8 +60,21 @@ class TrainPairs(Dataset):
         seed: int,
         image_features: torch.Tensor | None = None,
         text_features: torch.Tensor | None = None,
+        *,
+        labels: list[int] | None = None,
+        groups: bool = False,
+        negatives: NegativeSource | None = None,
+        hard_negatives: int = 1,
     ) -> None:
         self.table = table
+        self.labels = labels
+        self.negatives = negatives
+        self.hard_negatives = hard_negatives
+        self.fields = ("image", "tokens")
+        if labels is not None or groups:
+            self.fields += ("group",)
+        if negatives is not None:
+            self.fields += ("negatives", "negative_mask")
         self.image_features = image_features
         self.text_features = text_features
         self.caption_offsets = [0]
@@ -83,9 +114,32 @@ class TrainPairs(Dataset):
         tokens = self.tokenize([self.caption(index)])
         return tokens[0] if tokens.dim() > 1 else tokens
 
-    def __getitem__(self, index: int) -> Pair | None:
+    def _group(self, index: int) -> torch.Tensor:
+        if self.labels is not None:
+            return torch.tensor(self.labels[index])
+        return caption_groups([self.caption(index)])[0]
+
+    def _negatives(self, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.negatives is not None
+        found = self.negatives(self.caption(index), f"{self.seed}:{self.epoch}:{index}")[: self.hard_negatives]
+        missing = self.hard_negatives - len(found)
+        # Slots without a negative hold an empty caption's tokens so the batch stacks; the mask keeps them out of
+        # every softmax.
+        tokens = self.tokenize([*found, *([""] * missing)])
+        mask = torch.tensor([True] * len(found) + [False] * missing)
+        return tokens, mask
+
+    def _extras(self, index: int) -> tuple[torch.Tensor, ...]:
+        extras: tuple[torch.Tensor, ...] = ()
+        if "group" in self.fields:
+            extras += (self._group(index),)
+        if self.negatives is not None:
+            extras += self._negatives(index)
+        return extras
+
+    def _image(self, index: int) -> torch.Tensor | None:
         if self.image_features is not None:
-            return self.image_features[index], self._text(index)
+            return self.image_features[index]
         path = self.table.images[index]
         try:
             image = load_rgb(path)
@@ -95,7 +149,25 @@ class TrainPairs(Dataset):
                 self.failed.add(path)
                 logger.warning("%s: could not be loaded (%s); skipping it in training", path, e)
             return None
-        return self.transform(image), self._text(index)
+        return _seeded(self.transform, image, sample_seed(self.seed, self.epoch, index))
+
+    def __getitem__(self, index: int) -> Sample | None:
+        image = self._image(index)
+        if image is None:
+            return None
+        return image, self._text(index), *self._extras(index)
+
+
+def _seeded(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor:
+    """`transform(image)` with torch's and Python's generators seeded by `seed`, both restored afterwards."""
+    state = random.getstate()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            random.seed(seed)
+            return transform(image)
+    finally:
+        random.setstate(state)
 
 
 def collate_skip_none(batch: Sequence[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:

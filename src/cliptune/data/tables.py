@@ -31,6 +31,8 @@ class CaptionTable:
     skipped: list[Path] = field(default_factory=list)
     name: str = ""
     empty_captions: int = 0  # images dropped because none of their captions had any text
+    # caption -> the hard-negative captions the table gives for it (TableSpec.negatives_key), if it has that column
+    negatives: dict[str, list[str]] | None = None
 
     def __post_init__(self) -> None:
         if len(self.images) != len(self.captions):
@@ -83,8 +85,64 @@ def read_caption_table(spec: TableSpec, check_images: bool = True) -> CaptionTab
     if check_images:
         images, skipped = _split_readable(path, images, base)
     return CaptionTable(
-        images=images, captions=[with_text[p] for p in images], skipped=skipped, name=spec.name, empty_captions=empty
+        images=images,
+        captions=[with_text[p] for p in images],
+        skipped=skipped,
+        name=spec.name,
+        empty_captions=empty,
+        negatives=read_negatives(path, spec) if spec.negatives_key else None,
     )
+
+
+def read_negatives(path: Path, spec: TableSpec) -> dict[str, list[str]]:
+    """caption -> hard negatives from column `spec.negatives_key` (a JSON list, or `|`-separated text, per row).
+
+    Every caption of a row gets that row's negatives; a row with an empty cell gives none (its captions are then
+    trained without hard negatives: they are masked out of the loss).
+    """
+    key = spec.negatives_key
+    assert key is not None
+    if path.suffix.lower() == ".json":
+        raise DataError(f"{path}: negatives_key {key!r} applies to CSV, TSV and JSONL tables, not COCO JSON")
+    out: dict[str, list[str]] = {}
+    for where, record in _records(path):
+        if key not in record:
+            raise DataError(
+                f"{where}: no column {key!r} (negatives_key); the columns are {', '.join(map(repr, record))}"
+            )
+        negatives = _negative_cell(record[key], where, key)
+        captions = record.get(spec.caption_key)
+        captions = (
+            _json_captions(captions, where, spec.caption_key)
+            if not isinstance(captions, str)
+            else (_text_cell(captions, where, spec.caption_key))
+        )
+        for caption in captions:
+            out.setdefault(caption, []).extend(n for n in negatives if n not in out.get(caption, []))
+    return out
+
+
+def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+    """(location, record) of every data row of a CSV / TSV / JSONL table (already validated by the main reader)."""
+    if path.suffix.lower() == ".jsonl":
+        with path.open(encoding="utf-8-sig") as f:
+            return [(f"{path}, line {n}", json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
+    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.DictReader(f, delimiter=delimiter)
+        return [(f"{path}, line {reader.line_num}", dict(record)) for record in reader]
+
+
+def _negative_cell(value: Any, where: str, key: str) -> list[str]:
+    if isinstance(value, list):
+        return _json_captions(value, where, key)
+    text = (value or "").strip() if isinstance(value, str) or value is None else None
+    if text is None:
+        raise DataError(f"{where}, column {key!r}: expected a list of captions or text, got {value!r}")
+    listed = _text_cell(text, where, key)
+    if len(listed) == 1 and listed[0] == text and "|" in text:
+        return [part.strip() for part in text.split("|") if part.strip()]
+    return listed
 
 
 def _split_readable(path: Path, images: list[Path], base: Path) -> tuple[list[Path], list[Path]]:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
-from cliptune.config import EvalConfig
+from cliptune.config import CompositionalitySpec, EvalConfig
 from cliptune.data import CaptionTable, LabelledImages, read_caption_table, read_classification
 from cliptune.eval.encode import Encoding
 from cliptune.eval.retrieval import evaluate_retrieval
 from cliptune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
+
+if TYPE_CHECKING:  # the compositionality module is imported only by runs that have such a set
+    from cliptune.eval.compositionality import CompositionalityTable
 
 
 @dataclass
@@ -17,6 +21,7 @@ class EvalSuite:
 
     retrieval: list[CaptionTable] = field(default_factory=list)
     zeroshot: list[tuple[LabelledImages, list[str]]] = field(default_factory=list)
+    compositionality: list[CompositionalityTable] = field(default_factory=list)
     batch_size: int = 64
 
     @classmethod
@@ -24,11 +29,12 @@ class EvalSuite:
         return cls(
             retrieval=[read_caption_table(spec) for spec in cfg.retrieval],
             zeroshot=[(read_classification(spec), spec.templates) for spec in cfg.zeroshot],
+            compositionality=[_compositionality(spec) for spec in cfg.compositionality],
             batch_size=cfg.batch_size,
         )
 
     def __bool__(self) -> bool:
-        return bool(self.retrieval or self.zeroshot)
+        return bool(self.retrieval or self.zeroshot or self.compositionality)
 
     def run(self, encoding: Encoding) -> dict[str, dict[str, float]]:
         results = {}
@@ -36,7 +42,26 @@ class EvalSuite:
             results[table.name] = evaluate_retrieval(encoding, table)
         for data, templates in self.zeroshot:
             results[data.name] = evaluate_zeroshot(encoding, data, templates)
+        if self.compositionality:
+            from cliptune.eval.compositionality import evaluate_compositionality
+
+            for comp in self.compositionality:
+                results[comp.name] = evaluate_compositionality(encoding, comp)
         return results
 
 
-__all__ = ["Encoding", "EvalSuite", "evaluate_retrieval", "evaluate_zeroshot", "zeroshot_classifier"]
+def _compositionality(spec: CompositionalitySpec) -> CompositionalityTable:
+    from cliptune.eval.compositionality import read_compositionality_table
+
+    table = read_compositionality_table(spec.path, root=spec.images_root)
+    table.name = spec.name
+    return table
+
+
+__all__ = [
+    "Encoding",
+    "EvalSuite",
+    "evaluate_retrieval",
+    "evaluate_zeroshot",
+    "zeroshot_classifier",
+]

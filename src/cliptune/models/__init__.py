@@ -34,6 +34,7 @@ BACKENDS: dict[str, Backend] = {
     "composed": _lazy("composed"),
     "heads": _lazy("heads"),
     "prompted": _lazy("prompted"),
+    "classifier": _lazy("classifier"),
 }
 
 

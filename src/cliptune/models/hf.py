@@ -33,7 +33,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ClipModel, Tower, dense_tokens_unsupported
 from cliptune.models.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -104,15 +104,50 @@ class HFClipModel(ClipModel):
         mask the EOS itself) nor transformers' argmax pooling for old configs (eos_token_id == 2, right only while
         the EOS is the highest id) is safe: the first EOS is found here and the mask covers the tokens up to it.
         """
+        hidden, eos = self._clip_text_states(tokens)
+        return self.model.text_projection(hidden[torch.arange(tokens.shape[0], device=tokens.device), eos])
+
+    def _clip_text_states(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(final-norm states [B, L, width] up to the batch's last first-EOS, that EOS index per caption)."""
         eos = self.eos_positions(tokens)
         # Attention is causal, so columns after every row's EOS cannot change any pooled state: dropping them
         # gives the same embeddings and saves most of the text tower's work on short captions.
         length = int(eos.max()) + 1
         tokens = tokens[:, :length]
         mask = (torch.arange(length, device=tokens.device)[None, :] <= eos[:, None]).long()
-        hidden = self.model.text_model(input_ids=tokens, attention_mask=mask).last_hidden_state
-        pooled = hidden[torch.arange(tokens.shape[0], device=tokens.device), eos]
-        return self.model.text_projection(pooled)
+        return self.model.text_model(input_ids=tokens, attention_mask=mask).last_hidden_state, eos
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """One vision forward: the pooled class token as `encode_image` has it, and the patch states after it.
+
+        transformers applies the post-layernorm to the class token only; the patches get the same norm and the
+        visual projection here, as open_clip's `ln_post` and `proj` treat every token.
+        """
+        self._require_clip("encode_image_tokens")
+        vision = self.model.vision_model
+        out = vision(pixel_values=images)
+        pooled = self.model.visual_projection(out.pooler_output)
+        patches = self.model.visual_projection(vision.post_layernorm(out.last_hidden_state[:, 1:]))
+        return F.normalize(pooled, dim=-1), patches
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every position's final-norm state through the text projection, over the batch's longest caption
+        (L = the last first-EOS + 1, see `_clip_text_states`); the pooled feature is the first EOS's."""
+        self._require_clip("encode_text_tokens")
+        hidden, eos = self._clip_text_states(tokens)
+        features = self.model.text_projection(hidden)
+        pooled = features[torch.arange(features.shape[0], device=features.device), eos]
+        tokens = tokens[:, : features.shape[1]]
+        mask = torch.arange(tokens.shape[1], device=tokens.device)[None, :] <= eos[:, None]
+        if self.tokenizer.bos_token_id is not None:  # CLIP's tokenizer starts every caption with it
+            mask &= tokens != self.tokenizer.bos_token_id
+        return F.normalize(pooled, dim=-1), features, mask
+
+    def _require_clip(self, method: str) -> None:
+        if self.model_type != "clip":
+            # SigLIP pools images with an attention head and has no projection that applies to single patches.
+            why = f"{method} supports CLIP models only; {self.arch!r} is a {self.model_type!r} model"
+            raise dense_tokens_unsupported(self.backend, why)
 
     def eos_positions(self, tokens: torch.Tensor) -> torch.Tensor:
         """Index of the first end-of-text token in each row (0 for a row without one)."""

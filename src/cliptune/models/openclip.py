@@ -13,11 +13,11 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
-from open_clip.transformer import QuickGELU
+from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ClipModel, Tower, dense_tokens_unsupported
 from cliptune.models.errors import ModelError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -43,6 +43,30 @@ class OpenClipModel(ClipModel):
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.model.encode_image(images, normalize=normalize)
 
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """open_clip's own `output_tokens` forward, with the patches given the pooled feature's norm and projection.
+
+        In training, an active patch dropout leaves only the patches it kept (fewer than the grid).
+        """
+        visual = self._patch_tower()
+        with _output_tokens(visual):
+            pooled, patches = visual(images)
+        if visual.final_ln_after_pool:  # open_clip then norms the pooled token only
+            patches = visual.ln_post(patches)
+        if visual.proj is not None:  # open_clip returns the tokens unprojected
+            patches = patches @ visual.proj
+        return F.normalize(pooled, dim=-1), patches
+
+    def _patch_tower(self) -> VisionTransformer:
+        visual = self.model.visual
+        if not isinstance(visual, VisionTransformer):
+            why = f"{self.arch!r} has a {type(visual).__name__} image tower, not open_clip's VisionTransformer"
+            raise dense_tokens_unsupported(self.backend, why)
+        if visual.attn_pool is not None or visual.pool_type not in ("tok", "avg"):
+            why = f"{self.arch!r} pools its image tower by attention or not at all: no per-patch output tokens"
+            raise dense_tokens_unsupported(self.backend, why)
+        return visual
+
     def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         if not self._trims_text():
             return self.model.encode_text(tokens, normalize=normalize)
@@ -60,17 +84,44 @@ class OpenClipModel(ClipModel):
         highest token id, hence argmax), so dropping the padding after the longest caption changes nothing but the
         cost: captions are usually under 25 of the 77 tokens.
         """
-        m = self.model
-        length = int(tokens.argmax(dim=-1).max()) + 1
-        tokens = tokens[:, :length]
-        cast = m.transformer.get_cast_dtype()
-        x = m.token_embedding(tokens).to(cast) + m.positional_embedding[:length].to(cast)
-        x = m.ln_final(m.transformer(x, attn_mask=m.attn_mask[:length, :length]))
-        x = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
-        projection = m.text_projection
-        if isinstance(projection, nn.Linear):
-            return projection(x)
-        return x if projection is None else x @ projection
+        end = tokens.argmax(dim=-1)
+        x = _text_states(self.model, tokens[:, : int(end.max()) + 1])
+        return _project(x[torch.arange(x.shape[0], device=x.device), end], self.model.text_projection)
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every position's ln_final output through the text projection; the pooled feature is the end token's.
+
+        open_clip's CLIP keeps no text module whose `output_tokens` could be switched on (its text pieces sit flat
+        on the model), so the text transformer runs piece by piece here, as in `encode_text`. A causal tower runs
+        over the batch's longest caption only (see `_trimmed_text_features`): L = the last end token + 1.
+        """
+        tower = self._token_text_tower()
+        pool, eos_id = _text_pooling(self.model)
+        end = _end_positions(tokens, pool, eos_id)
+        if getattr(tower, "attn_mask", None) is not None:
+            tokens = tokens[:, : int(end.max()) + 1]
+        features = _project(_text_states(tower, tokens), tower.text_projection)
+        pooled = features[torch.arange(features.shape[0], device=features.device), end]
+        positions = torch.arange(tokens.shape[1], device=tokens.device)
+        # Position 0 holds <start_of_text> (open_clip's tokenizer, checked in `_token_text_tower`).
+        mask = (positions >= 1) & (positions <= end[:, None])
+        return F.normalize(pooled, dim=-1), features, mask
+
+    def _token_text_tower(self) -> nn.Module:
+        """The module holding the text pieces (CLIP itself, or CustomTextCLIP's TextTransformer), if it has tokens."""
+        tower = self.model.text if hasattr(self.model, "text") else self.model
+        if hasattr(self.model, "text") and not isinstance(tower, TextTransformer):
+            raise dense_tokens_unsupported(self.backend, f"{self.arch!r} has a {type(tower).__name__} text tower")
+        if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+            why = f"{self.arch!r} appends a CLS embedding or masks padding in its text tower"
+            raise dense_tokens_unsupported(self.backend, why)
+        if _text_pooling(self.model)[0] not in ("argmax", "eos"):
+            why = f"{self.arch!r} does not pool its text at the end token, so its tokens have no end-token feature"
+            raise dense_tokens_unsupported(self.backend, why)
+        if not hasattr(self._tokenizer, "sot_token_id"):
+            why = f"{self.arch!r} uses an HF tokenizer; the token mask needs open_clip's own (start token first)"
+            raise dense_tokens_unsupported(self.backend, why)
+        return tower
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         return self._tokenizer(texts)
@@ -168,6 +219,46 @@ def create(
             "local file path (or set HF_HUB_OFFLINE=1 to fail fast when a cached copy is expected)."
         ) from e
     return OpenClipModel(arch, model, train_tf, eval_tf)
+
+
+def _text_pooling(model: nn.Module) -> tuple[str, int | None]:
+    """(pool type, end-token id) of the text tower: CLIP stores them flat, CustomTextCLIP on its text module."""
+    if hasattr(model, "text"):
+        return getattr(model.text, "pool_type", ""), getattr(model.text, "eos_id", None)
+    return model.text_pool_type, getattr(model, "text_eos_id", None)
+
+
+def _end_positions(tokens: torch.Tensor, pool: str, eos_id: int | None) -> torch.Tensor:
+    """Index of each caption's end token: open_clip's own pooling rule applied to the positions themselves."""
+    positions = torch.arange(tokens.shape[1], device=tokens.device).expand_as(tokens)
+    return text_global_pool(positions, tokens, pool, eos_token_id=eos_id)
+
+
+def _text_states(tower: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    """ln_final outputs [B, L, width] of open_clip's text transformer (CLIP flat pieces or a TextTransformer)."""
+    length = tokens.shape[1]
+    cast = tower.transformer.get_cast_dtype()
+    x = tower.token_embedding(tokens).to(cast) + tower.positional_embedding[:length].to(cast)
+    mask = getattr(tower, "attn_mask", None)
+    return tower.ln_final(tower.transformer(x, attn_mask=None if mask is None else mask[:length, :length]))
+
+
+def _project(x: torch.Tensor, projection: nn.Module | torch.Tensor | None) -> torch.Tensor:
+    # open_clip's text projection is a matrix, a Linear (proj_type 'linear'), or absent.
+    if isinstance(projection, nn.Linear):
+        return projection(x)
+    return x if projection is None else x @ projection
+
+
+@contextmanager
+def _output_tokens(visual: VisionTransformer) -> Iterator[None]:
+    """Switch on open_clip's `output_tokens` for one call: the tower then returns (pooled, tokens)."""
+    previous = visual.output_tokens
+    visual.output_tokens = True
+    try:
+        yield
+    finally:
+        visual.output_tokens = previous
 
 
 @contextmanager

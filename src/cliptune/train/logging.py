@@ -45,6 +45,19 @@ class RunLog:
         self.writer.close()
 
 
+class SilentLog:
+    """The run log of a process other than the main one: only the main process writes files."""
+
+    def evaluation(self, epoch: int, step: int, results: dict[str, dict[str, float]]) -> None:
+        pass
+
+    def train_step(self, record: dict[str, float]) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         return []

@@ -10,69 +10,73 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from cliptune.eval.encode import autocast
-from cliptune.losses import LOSSES, MAX_LOGIT_SCALE
-from cliptune.models.base import Tower
+from cliptune.losses import MAX_LOGIT_SCALE
+from cliptune.losses.objective import Dense
 from cliptune.train.checkpoint import save_checkpoint
+from cliptune.train.distributed import barrier
 from cliptune.train.finish import finish
+from cliptune.train.forward import Batch
 from cliptune.train.gradcache import chunked_backward
 from cliptune.train.logging import log
 from cliptune.train.setup import Callback, Trainer, make_loader
 from cliptune.tuning.locking import set_train_mode, trainable_summary
 
 
-def _embed(trainer: Trainer, tower: Tower, inputs: torch.Tensor) -> torch.Tensor:
-    model = trainer.model
-    if tower in trainer.encoding.cached:  # inputs are the locked trunk's outputs: only the head runs
-        return F.normalize(getattr(model, f"{tower}_head")(inputs).float(), dim=-1)
-    encode = model.encode_image if tower == "image" else model.encode_text
-    # A locked tower needs no graph: running it under no_grad saves its activations' memory.
-    with torch.no_grad() if tower in trainer.locked else nullcontext():
-        return encode(inputs).float()
+def _call(trainer: Trainer, kind: str, *inputs: torch.Tensor) -> Any:
+    """One forward through what DDP wraps (so a multi-process backward synchronises), under the run's precision."""
+    with autocast(trainer.device, trainer.cfg.runtime.precision):
+        return trainer.forward(kind, *inputs)
 
 
-def _features(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return _embed(trainer, "image", images), _embed(trainer, "text", tokens)
+def _chunked(trainer: Trainer, batch: Batch) -> torch.Tensor:
+    """GradCache: the loss of the whole batch with the activation memory of one chunk."""
+    model, objective, ddp = trainer.model, trainer.objective, trainer.ddp
+    towers = [t for t in ("image", "text") if t not in trainer.locked and (t == "image" or objective.uses_text)]
+    return chunked_backward(
+        model,
+        batch.images,
+        batch.texts,
+        lambda image, text, _: objective(model, image, text if objective.uses_text else None, batch.extras),
+        trainer.cfg.train.chunk_size,
+        encode_image=lambda x: trainer.forward("image", x),
+        encode_text=lambda x: trainer.forward("text", x),
+        no_sync=ddp.no_sync if ddp is not None else None,
+        forward_context=lambda: autocast(trainer.device, trainer.cfg.runtime.precision),
+        towers=towers,
+    )
 
 
-def _backward(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+def _backward(trainer: Trainer, batch: Batch) -> torch.Tensor:
     """Loss and gradients of one contrastive batch, in chunks (GradCache) when it exceeds train.chunk_size."""
-    cfg, model = trainer.cfg, trainer.model
-    loss_fn = LOSSES[cfg.loss.name]
-    chunk = cfg.train.chunk_size
-    if chunk is not None and chunk < len(images):
-        return chunked_backward(
-            model,
-            images,
-            tokens,
-            loss_fn,
-            chunk,
-            encode_image=lambda x: _embed(trainer, "image", x),
-            encode_text=lambda x: _embed(trainer, "text", x),
-            forward_context=lambda: autocast(trainer.device, cfg.runtime.precision),
-            towers=[t for t in ("image", "text") if t not in trainer.locked],
-        )
-    with autocast(trainer.device, cfg.runtime.precision):
-        image_features, text_features = _features(trainer, images, tokens)
-    loss = loss_fn(image_features, text_features, model.logit_scale.float())
+    model, objective = trainer.model, trainer.objective
+    chunk = trainer.cfg.train.chunk_size
+    if chunk is not None and chunk < len(batch):
+        return _chunked(trainer, batch)
+    if objective.needs_tokens:
+        loss = objective.dense(model, Dense(*_call(trainer, "dense", batch.images, batch.texts)), batch.extras)
+    elif objective.uses_text:
+        image, text = _call(trainer, "pair", batch.images, batch.texts)
+        loss = objective(model, image, text, batch.extras)
+    else:
+        loss = objective(model, _call(trainer, "image", batch.images), None, batch.extras)
     if torch.isfinite(loss):
         loss.backward()
     return loss.detach()
 
 
-def train_step(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> float:
+def train_step(trainer: Trainer, batch: Batch) -> float:
     cfg, model = trainer.cfg, trainer.model
     trainer.optimizer.zero_grad(set_to_none=True)
-    loss = _backward(trainer, images, tokens)
+    loss = _backward(trainer, batch)
     if not torch.isfinite(loss):
         raise FloatingPointError(
             f"loss is {loss.item()} at step {trainer.state.step}: lower optim.lr or enable optim.grad_clip"
         )
     if cfg.optim.grad_clip is not None:
-        params = [p for p in model.parameters() if p.requires_grad]
+        params = [p for p in trainer.module.parameters() if p.requires_grad]
         torch.nn.utils.clip_grad_norm_(params, cfg.optim.grad_clip)
     trainer.optimizer.step()
     trainer.scheduler.step()
@@ -84,17 +88,21 @@ def train_step(trainer: Trainer, images: torch.Tensor, tokens: torch.Tensor) -> 
     return loss.item()
 
 
-def _batches(trainer: Trainer, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    loader = make_loader(trainer.cfg, trainer.dataset, epoch)
-    # Every batch is full (drop_last, or one batch holding the whole set), so a short one lost unreadable images;
-    # counting here rather than in the dataset also works when worker processes do the loading.
-    expected = min(trainer.cfg.train.batch_size, len(loader.dataset))
+def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
+    loader = make_loader(trainer.cfg, trainer.dataset, epoch, trainer.where)
+    fields = trainer.dataset.fields
     for batch in loader:
         got = 0 if batch is None else len(batch[0])
-        trainer.skipped_samples += expected - got
-        if got < 2:  # a contrastive step needs at least one negative
+        # Every local batch is full (drop_last, or one batch holding the whole set), so a short one lost unreadable
+        # images; counting here rather than in the dataset also works when worker processes do the loading.
+        trainer.skipped_samples += loader.batch_sampler.local_size - got
+        if got < 2 and not trainer.where.distributed:  # a contrastive step needs at least one negative
             continue
-        yield batch[0].to(trainer.device, non_blocking=True), batch[1].to(trainer.device, non_blocking=True)
+        assert batch is not None, "every image of a local batch failed to load"
+        out = Batch.from_columns(fields, batch, trainer.device)
+        if trainer.cfg.runtime.channels_last:
+            out.images = out.images.contiguous(memory_format=torch.channels_last)
+        yield out
 
 
 def train_epoch(trainer: Trainer, epoch: int) -> None:
@@ -103,14 +111,14 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
     bar = tqdm(
         total=trainer.steps_per_epoch,
         desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
-        disable=not cfg.runtime.progress,
+        disable=not cfg.runtime.progress or not trainer.where.main,
         dynamic_ncols=True,
         leave=True,
     )
     started, seen = time.perf_counter(), 0
-    for images, tokens in _batches(trainer, epoch):
-        loss = train_step(trainer, images, tokens)
-        seen += len(images)
+    for batch in _batches(trainer, epoch):
+        loss = train_step(trainer, batch)
+        seen += len(batch) * trainer.where.size
         rate = seen / max(time.perf_counter() - started, 1e-9)
         lr = trainer.optimizer.param_groups[0]["lr"]
         bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", samples_s=f"{rate:.1f}", refresh=False)
@@ -135,6 +143,17 @@ def evaluated_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
 
 
 def evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
+    """Every eval set, on the main process (the others wait for it)."""
+    if not trainer.where.main:
+        barrier(trainer.where)
+        return {}
+    try:
+        return _evaluate(trainer)
+    finally:
+        barrier(trainer.where)
+
+
+def _evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
     with evaluated_weights(trainer):
         results = trainer.suite.run(trainer.encoding)
     trainer.log.evaluation(trainer.state.epoch, trainer.state.step, results)
@@ -145,11 +164,22 @@ def evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
 
 
 def _checkpoint(trainer: Trainer) -> None:
+    if not trainer.where.main:
+        barrier(trainer.where)
+        return
+    try:
+        _save(trainer)
+    finally:
+        barrier(trainer.where)
+
+
+def _save(trainer: Trainer) -> None:
     extra = {
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "skipped_samples": trainer.skipped_samples,
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "objective": trainer.objective.state_dict(),
     }
     folder, keep = trainer.run_dir / "checkpoints", trainer.cfg.train.keep_checkpoints
     save_checkpoint(folder, trainer.model, extra, trainer.state, keep)
@@ -178,4 +208,6 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
         _checkpoint(trainer)
         for callback in callbacks:
             callback(trainer)
+    if not trainer.where.main:
+        return {}
     return finish(trainer, time.perf_counter() - started)

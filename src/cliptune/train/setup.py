@@ -17,14 +17,26 @@ from torch.utils.data import DataLoader
 from cliptune import config as config_mod
 from cliptune.config import ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
+from cliptune.data.datasets import NegativeSource
 from cliptune.eval import EvalSuite
 from cliptune.eval.encode import Encoding
 from cliptune.eval.feature_store import FeatureStore
 from cliptune.inference import load_any
+from cliptune.losses.objective import Objective
 from cliptune.models import ClipModel, build_model, rebuild
 from cliptune.models.base import Tower
 from cliptune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, log, truncate_after
+from cliptune.train.distributed import (
+    SINGLE,
+    GlobalBatchSampler,
+    World,
+    barrier,
+    check_batch,
+    init_distributed,
+    local_device,
+)
+from cliptune.train.forward import TrainModule
+from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, log, truncate_after
 from cliptune.train.optim import build_optimizer, build_scheduler
 from cliptune.tuning.ema import EMA
 from cliptune.tuning.locking import apply_locking, fully_locked_towers
@@ -72,13 +84,25 @@ class Trainer:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps_per_epoch: int
     state: TrainState
-    log: RunLog
+    log: RunLog | SilentLog
+    module: TrainModule
+    forward: Callable[..., Any]  # `module`, or its DDP wrapper, possibly compiled: what a step calls
+    where: World = SINGLE
     ema: EMA | None = None
     skipped_samples: int = 0
 
     def __post_init__(self) -> None:
         # Counted before training ends: merging LoRA at the end removes the adapters that were trained.
         self.trainable_parameters = sum(p.numel() for p in self.model.parameters() if p.requires_grad)
+
+    @property
+    def objective(self) -> Objective:
+        return self.module.objective
+
+    @property
+    def ddp(self) -> torch.nn.parallel.DistributedDataParallel | None:
+        wrapped = getattr(self.forward, "_orig_mod", self.forward)  # torch.compile keeps the module it wraps there
+        return wrapped if isinstance(wrapped, torch.nn.parallel.DistributedDataParallel) else None
 
     @property
     def total_steps(self) -> int:
@@ -105,8 +129,19 @@ def _check_resume_config(cfg: RunConfig, run_dir: Path) -> None:
                 )
 
 
-def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
-    """Create the run directory; return the checkpoint to resume from, if any."""
+def prepare_run_dir(cfg: RunConfig, resume: bool, where: World = SINGLE) -> Path | None:
+    """Create the run directory (main process); return the checkpoint to resume from, if any."""
+    if not where.main:  # the main process checks and writes; the others read what it decided
+        barrier(where)
+        found = latest_checkpoint(cfg.run_dir / "checkpoints")
+        return found if resume else None
+    try:
+        return _prepare_run_dir(cfg, resume)
+    finally:
+        barrier(where)
+
+
+def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
     run_dir = cfg.run_dir
     checkpoint = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
     if checkpoint is not None and not resume:
@@ -125,7 +160,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
     return checkpoint
 
 
-def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool) -> ClipModel:
+def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) -> ClipModel:
     """The architecture to train: pretrained (or `model.init`) weights, wrapped with heads / prompts if asked."""
     assets = run_dir / "model_assets"
     if resuming and (assets / "model.json").is_file():
@@ -133,19 +168,38 @@ def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool) -> ClipModel:
         return rebuild(json.loads((assets / "model.json").read_text()), assets)
     model = load_any(cfg.model.init) if cfg.model.init else build_model(cfg.model)
     model = wrap(model, cfg.finetune)
-    assets.mkdir(parents=True, exist_ok=True)
-    model.save_assets(assets)
-    (assets / "model.json").write_text(json.dumps(model.spec(), indent=2))
+    if cfg.loss.name == "ce":
+        model = _with_class_head(cfg, model)
+    if where.main:
+        assets.mkdir(parents=True, exist_ok=True)
+        model.save_assets(assets)
+        (assets / "model.json").write_text(json.dumps(model.spec(), indent=2))
     return model
 
 
-def _prepare_model(cfg: RunConfig, resuming: bool) -> tuple[ClipModel, list[Tower]]:
+def _with_class_head(cfg: RunConfig, model: ClipModel) -> ClipModel:
+    """FT-CLIP: the image tower under a linear head holding the zero-shot weights of the class prompts."""
+    from cliptune.data import read_classification
+    from cliptune.models.classifier import ClassifierModel
+
+    if cfg.data.labelled is None:
+        raise ConfigError("loss.name ce: classification fine-tuning needs data.labelled (a labelled image set)")
+    labelled = read_classification(cfg.data.labelled, check_images=False)
+    return ClassifierModel.from_zeroshot(
+        model, labelled.classnames, cfg.data.labelled.templates, batch_size=cfg.eval.batch_size
+    )
+
+
+def _prepare_model(cfg: RunConfig, resuming: bool, where: World) -> tuple[ClipModel, list[Tower]]:
     """Build, lock and adapt the model; a fresh run also records its starting weights for WiSE-FT."""
-    model = _build_model(cfg, cfg.run_dir, resuming)
+    model = _build_model(cfg, cfg.run_dir, resuming, where)
     apply_locking(model, cfg.finetune)
     keep_prompts_trainable(model)
+    if cfg.loss.name == "ce":  # FT-CLIP trains the image tower and the head; the text tower is not used
+        for param in model.tower_parameters("text").values():
+            param.requires_grad_(False)
     lora = lora_towers(model, cfg.finetune.lora) if cfg.finetune.lora.rank else None
-    if not resuming:
+    if not resuming and where.main:
         save_initial_state(changing_state(model, lora.towers if lora else []), cfg.run_dir / INITIAL_FILE)
     if lora is not None:
         apply_lora(model, lora)
@@ -154,32 +208,32 @@ def _prepare_model(cfg: RunConfig, resuming: bool) -> tuple[ClipModel, list[Towe
 
 def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     """Everything a run needs, with every input checked before the first step."""
-    if cfg.data.train is None:
-        raise ConfigError("data.train: no training table configured; set data.train.path")
-    device = resolve_device(cfg.runtime.device)
-    train_table = read_caption_table(cfg.data.train)
+    where, device = _process(cfg)
+    train_table, labels = _training_data(cfg)
     suite = EvalSuite.from_config(cfg.eval)
-    checkpoint = prepare_run_dir(cfg, resume)
+    checkpoint = prepare_run_dir(cfg, resume, where)
     seed_everything(cfg.runtime.seed)
-    model, locked = _prepare_model(cfg, checkpoint is not None)
+    model, locked = _prepare_model(cfg, checkpoint is not None, where)
+    objective = Objective(cfg.loss, model)
+    _check_objective(cfg, model, objective, locked)
     state, rest = load_checkpoint(checkpoint, model) if checkpoint else (TrainState(), {})
     model.to(device)
+    if cfg.runtime.channels_last:
+        model.to(memory_format=torch.channels_last)
+    objective.to(device)
+    if cfg.train.grad_checkpointing:
+        model.set_grad_checkpointing(True)
     ema = EMA(model, cfg.finetune.ema_decay) if cfg.finetune.ema_decay else None
-    encoding = Encoding(
-        model,
-        cfg.runtime.precision,
-        cfg.eval.batch_size,
-        cfg.runtime.workers,
-        cached=locked if cfg.train.cache_locked else (),
-        progress=cfg.runtime.progress,
-        store=FeatureStore(cfg.runtime.feature_cache) if cfg.runtime.feature_cache else None,
-    )
-    dataset = _dataset(cfg, train_table, model, encoding)
+    encoding = _encoding(cfg, model, _cacheable(cfg, locked, objective))
+    dataset = _dataset(cfg, train_table, model, encoding, labels, objective)
     optimizer = build_optimizer(model, cfg.optim)
-    steps_per_epoch = len(make_loader(cfg, dataset, epoch=0))
+    if objective.logit_bias is not None:  # SigLIP's bias, when the model has none: a no-decay group of its own
+        optimizer.add_param_group({"params": [objective.logit_bias], "weight_decay": 0.0, "lr": cfg.optim.lr})
+    steps_per_epoch = len(make_loader(cfg, dataset, epoch=0, where=where))
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * cfg.train.epochs)
     if checkpoint:
-        _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema)
+        _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where)
+    module = TrainModule(model, objective, locked, encoding.cached)
     return Trainer(
         cfg,
         cfg.run_dir,
@@ -194,10 +248,96 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         scheduler,
         steps_per_epoch,
         state,
-        RunLog(cfg.run_dir),
+        RunLog(cfg.run_dir) if where.main else SilentLog(),
+        module,
+        _forward(cfg, module, device, where),
+        where,
         ema,
         rest.get("skipped_samples", 0),
     )
+
+
+def _process(cfg: RunConfig) -> tuple[World, torch.device]:
+    """This process's place in a torchrun job (or the only process) and the device it trains on."""
+    if cfg.data.train is None and cfg.data.labelled is None:
+        raise ConfigError("data: no training data configured; set data.train.path (or data.labelled.path)")
+    device = resolve_device(cfg.runtime.device)
+    where = init_distributed(device)
+    check_batch(cfg.train.batch_size, where)
+    if not where.main:  # one console: the other ranks report only warnings and errors
+        log.setLevel("WARNING")
+    return where, local_device(device, where)
+
+
+def _training_data(cfg: RunConfig) -> tuple[CaptionTable, list[int] | None]:
+    """The caption table to train on; for a labelled set (FLYP, FT-CLIP) its class prompts and the labels."""
+    if cfg.data.train is not None:
+        return read_caption_table(cfg.data.train), None
+    from cliptune.data import read_classification
+
+    spec = cfg.data.labelled
+    assert spec is not None
+    labelled = read_classification(spec)
+    # FLYP: every template filled with the image's class name is one of its captions; an epoch draws one of them.
+    prompts = [[t.format(name) for t in spec.templates] for name in labelled.classnames]
+    table = CaptionTable(
+        list(labelled.paths), [prompts[label] for label in labelled.labels], list(labelled.skipped), spec.name
+    )
+    return table, list(labelled.labels)
+
+
+def _check_objective(cfg: RunConfig, model: ClipModel, objective: Objective, locked: list[Tower]) -> None:
+    if cfg.loss.name == "ce" and "image" in locked:
+        raise ConfigError("loss.name ce: FT-CLIP trains the image tower; unlock it (finetune.lock_image false)")
+    if objective.needs_tokens and cfg.train.chunk_size:
+        raise ConfigError(
+            "loss.name fsc with loss.local_weight > 0 works on whole batches: set train.chunk_size null, or "
+            "loss.local_weight 0"
+        )
+    overridden = all(getattr(type(model), m) is not getattr(ClipModel, m) for m in _TOKEN_METHODS)
+    if objective.needs_tokens and not overridden:  # fail now rather than at the first step
+        raise ConfigError(
+            f"loss.name fsc: the FSC-CLIP local loss needs patch and token features, which {model.backend or 'this'} "
+            f"models of this kind do not give (OpenCLIP ViTs and Hugging Face CLIP do); set loss.local_weight 0"
+        )
+
+
+_TOKEN_METHODS = ("encode_image_tokens", "encode_text_tokens")
+
+
+def _cacheable(cfg: RunConfig, locked: list[Tower], objective: Objective) -> list[Tower]:
+    """Locked towers whose outputs are computed once; hard negatives and token features need a live tower."""
+    if not cfg.train.cache_locked or objective.needs_tokens:
+        return []
+    return [t for t in locked if not (t == "text" and objective.needs_negatives)]
+
+
+def _encoding(cfg: RunConfig, model: ClipModel, cached: list[Tower]) -> Encoding:
+    return Encoding(
+        model,
+        cfg.runtime.precision,
+        cfg.eval.batch_size,
+        cfg.runtime.workers,
+        cached=cached,
+        progress=cfg.runtime.progress,
+        store=FeatureStore(cfg.runtime.feature_cache) if cfg.runtime.feature_cache else None,
+    )
+
+
+def _forward(cfg: RunConfig, module: TrainModule, device: torch.device, where: World) -> Callable[..., Any]:
+    """What a training step calls: the module, under DDP in a multi-process run, compiled if asked."""
+    forward: torch.nn.Module = module
+    if where.distributed:
+        # GradCache's last chunk reaches one tower only; the other tower's gradients, accumulated under no_sync, are
+        # then reduced as "unused" parameters, which needs find_unused_parameters.
+        forward = torch.nn.parallel.DistributedDataParallel(
+            module,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=bool(cfg.train.chunk_size),
+        )
+    if cfg.runtime.compile:
+        return torch.compile(forward)
+    return forward
 
 
 def _restore(
@@ -208,17 +348,29 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     ema: EMA | None,
+    objective: Objective,
+    where: World,
 ) -> None:
     optimizer.load_state_dict(rest["optimizer"])
     scheduler.load_state_dict(rest["scheduler"])
     if ema is not None:
         ema.load_state_dict(rest["ema"])
-    for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):
-        truncate_after(path, state.epoch)
+    if rest.get("objective"):
+        objective.load_state_dict(rest["objective"])
+    if where.main:
+        for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):
+            truncate_after(path, state.epoch)
     log.info("resumed from %s (epoch %d, step %d)", checkpoint, state.epoch, state.step)
 
 
-def _dataset(cfg: RunConfig, table: CaptionTable, model: ClipModel, encoding: Encoding) -> TrainPairs:
+def _dataset(
+    cfg: RunConfig,
+    table: CaptionTable,
+    model: ClipModel,
+    encoding: Encoding,
+    labels: list[int] | None,
+    objective: Objective,
+) -> TrainPairs:
     """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
     started = time.perf_counter()
     image_features = encoding.trunk_features("image", table.images) if "image" in encoding.cached else None
@@ -229,20 +381,69 @@ def _dataset(cfg: RunConfig, table: CaptionTable, model: ClipModel, encoding: En
             " and ".join(encoding.cached),
             time.perf_counter() - started,
         )
-    return TrainPairs(table, model.train_transform, model.tokenize, cfg.runtime.seed, image_features, text_features)
+    return TrainPairs(
+        table,
+        model.train_transform,
+        model.tokenize,
+        cfg.runtime.seed,
+        image_features,
+        text_features,
+        labels=labels if objective.needs_groups else None,
+        groups=objective.needs_groups,
+        negatives=_negatives(cfg, table) if objective.needs_negatives else None,
+        hard_negatives=cfg.loss.hard_negatives,
+    )
 
 
-def make_loader(cfg: RunConfig, dataset: TrainPairs, epoch: int) -> DataLoader:
+def _negatives(cfg: RunConfig, table: CaptionTable) -> NegativeSource:
+    """The user's negatives column if the table has one, else the generator (its tagger named in the log)."""
+    if getattr(table, "negatives", None):
+        return TableNegatives(table)
+    from cliptune.data.negatives import NegativeGenerator
+
+    generator = NegativeGenerator(kinds=tuple(cfg.loss.negative_kinds), tagger=cfg.loss.tagger)
+    log.info("hard negatives: generated (%s, kinds %s)", generator.describe(), ", ".join(cfg.loss.negative_kinds))
+    return GeneratedNegatives(generator, cfg.loss.hard_negatives)
+
+
+@dataclass
+class GeneratedNegatives:
+    """(caption, seed) -> up to `count` generated hard negatives; a class so DataLoader workers can pickle it."""
+
+    generator: Any
+    count: int
+
+    def __call__(self, caption: str, seed: str) -> list[str]:
+        return self.generator.negatives(caption, self.count, seed)
+
+
+@dataclass
+class TableNegatives:
+    """(caption, seed) -> the negatives the user's table gives for that caption."""
+
+    table: CaptionTable
+
+    def __post_init__(self) -> None:
+        self.lookup = {
+            caption: negs
+            for caps, per_caption in zip(self.table.captions, self.table.negatives)
+            for caption, negs in zip(caps, per_caption)
+        }
+
+    def __call__(self, caption: str, seed: str) -> list[str]:
+        return list(self.lookup.get(caption, []))
+
+
+def make_loader(cfg: RunConfig, dataset: TrainPairs, epoch: int, where: World = SINGLE) -> DataLoader:
     dataset.set_epoch(epoch)
     # The data order is a pure function of (seed, epoch), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
     batch = cfg.train.batch_size
+    # a ragged last batch is a different (easier) contrastive task: dropped
+    sampler = GlobalBatchSampler(len(dataset), batch, generator, drop_last=len(dataset) > batch, where=where)
     return DataLoader(
         dataset,
-        batch_size=batch,
-        shuffle=True,
-        generator=generator,
-        drop_last=len(dataset) > batch,  # a ragged last batch is a different (easier) contrastive task
+        batch_sampler=sampler,
         num_workers=cfg.runtime.workers,
         collate_fn=collate_skip_none,
     )

@@ -1,0 +1,37 @@
+"""The sigmoid loss of SigLIP (Zhai et al. 2023): every image-text pair is its own binary classification."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from cliptune.losses.reduce import check_pairs, gather_features, global_mean, row_layout, upcast
+
+
+def siglip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor,
+) -> torch.Tensor:
+    """-(1/B) sum_ij log sigmoid(z_ij (t <x_i, y_j> + b)), z_ij = 1 for the matching pair and -1 otherwise.
+
+    Features are L2-normalised, row i of each describing the same pair; `logit_scale` is the log of t and `logit_bias`
+    the learnable b (SigLIP initialises them at log 10 and -10). t = exp(logit_scale) is NOT clamped at 100, as in
+    SigLIP and open_clip's `SigLipLoss`: the bias, not a temperature cap, keeps the sigmoid loss stable.
+
+    Distributed: this rank's images against the texts of all ranks (the positive of local row i is global column
+    offset + i), each rank summing its rows' terms; the value is the global loss on every rank and the gradient follows
+    the convention of `gathered_clip_loss` (back-propagate it as is under DDP). open_clip exchanges texts between
+    neighbouring ranks instead of gathering them: the same sum, in a different order.
+    """
+    check_pairs(image_features, text_features)
+    image_features, text_features = upcast(image_features), upcast(text_features)
+    n = image_features.shape[0]
+    sizes, offset = row_layout(n, image_features.device)
+    all_texts = gather_features(text_features, sizes)
+    logits = logit_scale.exp() * image_features @ all_texts.T + logit_bias
+    rows = torch.arange(n, device=logits.device)
+    signs = -torch.ones_like(logits)
+    signs[rows, offset + rows] = 1.0
+    return global_mean(-F.logsigmoid(signs * logits).sum(), n)

@@ -1,0 +1,171 @@
+"""A classifier for classification fine-tuning: any model's image tower plus a linear head over class embeddings.
+
+`ClassifierModel` wraps a built `ClipModel` (`self.base`) and adds one parameter, `class_weights` (C, D): row c is
+class c's embedding. `from_zeroshot` fills it with the zero-shot classifier of the class names and prompt templates
+(`cliptune.eval.zeroshot.zeroshot_classifier`), so before any training `classify` returns exactly the logits the
+zero-shot evaluation scores, `100 * image @ W`, and epoch 0 equals zero-shot accuracy.
+
+Where this comes from, and the one choice made here:
+
+- WiSE-FT (and FLYP's and LP-FT's baselines) initialise the head from the zero-shot weights and train it with the
+  image tower on normalised image features. WiSE-FT bakes the model's temperature into the weights
+  (`weights = exp(logit_scale) * W`, 100 for OpenAI's CLIP) and adds a zero bias.
+- FT-CLIP (seed 002) does not start from zero-shot at all: its head is new and random (`trunc_normal(0.02) * 1e-3`)
+  on mean-pooled patch tokens.
+- Here the rows stay unit vectors at initialisation and the scale is a fixed `ZEROSHOT_SCALE = 100`, the constant
+  of the zero-shot evaluation (CLIP_benchmark), whatever the model's own `logit_scale`: the logits then match the
+  evaluation bit for bit on any model, and AdamW moves the head at the same relative rate as the tower (a head
+  scaled to norm 100 would barely move at the tower's learning rate). No bias: zero-shot has none.
+
+The head belongs to the image tower (`tower_of("class_weights") == "image"`): locking the image tower locks it
+too (`lock_image_patterns: "!class_weights"` trains a linear probe), and layer-wise lr decay counts it as "after
+the last block" (lr scale 1). The text tower stays usable as it was, so zero-shot on other datasets measures what
+the fine-tuning forgot.
+
+Saved as `{"backend": "classifier", "classes": [...], "dim": D, "base": base.spec()}`; the weights are in the state
+dict.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from cliptune.config import ModelConfig
+from cliptune.models.base import ClipModel, Tower
+from cliptune.models.errors import ModelError
+
+HEAD = "class_weights"
+# The fixed logit scale of zero-shot evaluation (`cliptune.eval.zeroshot.evaluate_zeroshot`).
+ZEROSHOT_SCALE = 100.0
+_TRUNK_HOOKS = ("image_trunk", "image_head", "text_trunk", "text_head")
+
+
+def _check_classes(class_names: list[str], weights: torch.Tensor) -> None:
+    if not class_names:
+        raise ModelError("a classifier needs at least one class name")
+    duplicates = sorted(n for n, count in Counter(class_names).items() if count > 1)
+    if duplicates:
+        raise ModelError(f"class names must be distinct; repeated: {', '.join(map(repr, duplicates))}")
+    if weights.ndim != 2 or weights.shape[0] != len(class_names):
+        raise ModelError(
+            f"class weights must have shape (classes, embedding size) = ({len(class_names)}, D), "
+            f"got {tuple(weights.shape)}"
+        )
+
+
+class ClassifierModel(ClipModel):
+    """A `ClipModel` whose `classify(images)` scores images against one learnable embedding per class."""
+
+    backend = "classifier"
+
+    def __init__(self, base: ClipModel, class_names: list[str], weights: torch.Tensor) -> None:
+        super().__init__()
+        class_names = list(class_names)
+        _check_classes(class_names, weights)
+        self.base = base
+        self.class_names = class_names
+        reference = next(base.parameters())
+        rows = weights.detach().to(device=reference.device, dtype=reference.dtype)
+        self.class_weights = nn.Parameter(rows.clone(memory_format=torch.contiguous_format))  # row-major (C, D)
+        self.train_transform, self.eval_transform = base.train_transform, base.eval_transform
+        self.train(base.training)
+        # The towers are the base's, unchanged: a base that splits them into trunk and head can still be cached.
+        for name in _TRUNK_HOOKS:
+            if hasattr(base, name):
+                setattr(self, name, getattr(base, name))
+
+    @classmethod
+    def from_zeroshot(
+        cls,
+        base: ClipModel,
+        class_names: list[str],
+        templates: list[str],
+        batch_size: int = 64,
+        precision: str = "fp32",
+    ) -> ClassifierModel:
+        """The head that reproduces zero-shot classification with these class names and prompt templates."""
+        from cliptune.eval.encode import Encoding  # evaluation code: loaded only when a head is initialised
+        from cliptune.eval.zeroshot import zeroshot_classifier
+
+        if not templates or any("{}" not in t for t in templates):
+            raise ModelError(f"templates {templates!r}: give at least one, each with one '{{}}' for the class name")
+        weights = zeroshot_classifier(Encoding(base, precision, batch_size), list(class_names), list(templates))
+        return cls(base, class_names, weights.T)  # (D, C) -> (C, D): a row per class
+
+    def classify(self, images: torch.Tensor) -> torch.Tensor:
+        """Logits (B, C): 100 * normalised image embedding @ class_weights.T."""
+        # Re-normalised in float32, as the zero-shot evaluation does: a bf16 unit vector is only unit to about 1e-2.
+        features = F.normalize(self.base.encode_image(images, normalize=True).float(), dim=-1)
+        if features.shape[-1] != self.class_weights.shape[1]:
+            raise ModelError(
+                f"image embeddings have size {features.shape[-1]} but the class weights {self.class_weights.shape[1]}"
+                ": the head was built for another model"
+            )
+        return ZEROSHOT_SCALE * features @ self.class_weights.T.to(features.dtype)
+
+    # --- the ClipModel interface, delegated to the base
+
+    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.base.encode_image(images, normalize=normalize)
+
+    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
+        return self.base.encode_text(tokens, normalize=normalize)
+
+    def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.base.encode_image_tokens(images)
+
+    def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.base.encode_text_tokens(tokens)
+
+    def tokenize(self, texts: list[str]) -> torch.Tensor:
+        return self.base.tokenize(texts)
+
+    @property
+    def logit_scale(self) -> nn.Parameter:
+        return self.base.logit_scale
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The base's sigmoid-loss bias (SigLIP), None when it has none."""
+        return getattr(self.base, "logit_bias", None)
+
+    def tower_of(self, param_name: str) -> Tower:
+        if param_name == HEAD:
+            return "image"
+        return self.base.tower_of(param_name.removeprefix("base."))
+
+    def tower_modules(self, tower: Tower) -> list[nn.Module]:
+        # The head is a bare parameter, not a module: it has no train/eval mode to set.
+        return self.base.tower_modules(tower)
+
+    def spec(self) -> dict[str, Any]:
+        return {
+            "backend": self.backend,
+            "classes": list(self.class_names),
+            "dim": int(self.class_weights.shape[1]),
+            "base": self.base.spec(),
+        }
+
+    def save_assets(self, folder: Path) -> None:
+        self.base.save_assets(folder)  # the head's weights are in the state dict, the class names in spec()
+
+
+def build(cfg: ModelConfig) -> ClassifierModel:
+    raise ModelError(
+        "model.backend: 'classifier' is not a model family; build the model with its own backend and wrap it with "
+        "cliptune.models.classifier.ClassifierModel.from_zeroshot(model, class_names, templates)"
+    )
+
+
+def rebuild(spec: dict[str, Any], folder: Path | None = None) -> ClassifierModel:
+    """The saved base (rebuilt offline by its own backend) with a placeholder head; the saved weights load after."""
+    from cliptune.models import rebuild as rebuild_base  # the backend table imports this module lazily
+
+    classes = spec["classes"]
+    return ClassifierModel(rebuild_base(spec["base"], folder), classes, torch.zeros(len(classes), int(spec["dim"])))

@@ -1,0 +1,106 @@
+"""A 2-process gloo training run (DDP, gathered losses) trains exactly like one process on the same global batches.
+
+One spawn runs every case on both ranks through `cliptune.finetune` (the process group is set up the way torchrun
+sets it: environment variables read by the trainer); the main pytest process runs each case on one process and
+compares the logged losses of every step and the final weights. Cases cover the plain CLIP loss, GradCache chunks
+under DDP (`no_sync`, one-tower last chunk), SigLIP (its bias lives in the objective, synchronised by DDP), NegCLIP
+hard negatives and label-aware targets.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from safetensors.torch import load_file
+
+import cliptune
+
+WORLD = 2
+CASES = {
+    "clip": {},
+    "clip-chunked": {"train": {"chunk_size": 3}},
+    "siglip": {"loss": {"name": "siglip", "siglip_bias_init": -2.0}},
+    "negclip": {"loss": {"name": "negclip", "tagger": "rules"}},
+    "unicl": {"loss": {"name": "unicl"}},
+}
+
+
+def _config(shapes: Path, out: Path, name: str) -> dict:
+    cfg = {
+        "name": name,
+        "model": {"arch": "cliptune-tiny-vit"},
+        "data": {"train": {"path": str(shapes / "train.csv")}},
+        "train": {"epochs": 1, "batch_size": 16},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "runtime": {"output_dir": str(out), "progress": False, "seed": 0, "log_every": 1},
+    }
+    return cliptune.config.merge(cfg, CASES[name])
+
+
+def _worker(rank: int, port: int, shapes: str, out: str) -> None:
+    os.environ.update(
+        {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1"}
+    )
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    try:
+        for name in CASES:
+            cliptune.finetune(_config(Path(shapes), Path(out), name))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
+    """(two-process output dir, one-process output dir), every case trained in both."""
+    tmp = tmp_path_factory.mktemp("ddp")
+    two, one = tmp / "two", tmp / "one"
+    context = mp.spawn(_worker, args=(_free_port(), str(shapes), str(two)), nprocs=WORLD, join=False)
+    try:
+        for _ in range(300):  # seconds; a hung collective must fail the test, not the suite
+            if context.join(timeout=1):
+                break
+        else:
+            pytest.fail("the 2-process gloo run did not finish in 300 s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+    for name in CASES:
+        cliptune.finetune(_config(shapes, one, name))
+    return two, one
+
+
+def _losses(run: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run / "train.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", list(CASES))
+def test_two_processes_train_like_one(runs, name):
+    two, one = runs[0] / name, runs[1] / name
+    assert len(_losses(two)) == len(_losses(one)) == 6  # 96 images, global batch 16
+    torch.testing.assert_close(torch.tensor(_losses(two)), torch.tensor(_losses(one)), rtol=1e-4, atol=1e-5)
+    got, expected = load_file(two / "model" / "model.safetensors"), load_file(one / "model" / "model.safetensors")
+    assert got.keys() == expected.keys()
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-3, atol=2e-5, msg=key)
+
+
+@pytest.mark.slow
+def test_only_the_main_process_writes_the_run(runs):
+    results = json.loads((runs[0] / "clip" / "results.json").read_text())
+    assert results["run"]["steps"] == 6
+    assert (runs[0] / "clip" / "checkpoints").is_dir()
