@@ -114,6 +114,18 @@ def _export(args: argparse.Namespace) -> int:
     return 0
 
 
+def _shards(args: argparse.Namespace) -> int:
+    from cliptune.data.shards import run  # webdataset is imported only by this command
+
+    return run(args)
+
+
+def _compositionality(args: argparse.Namespace) -> int:
+    from cliptune.eval.compositionality import main as build  # spaCy and WordNet load only for this command
+
+    return build(["build", *args.options])
+
+
 def _config(args: argparse.Namespace) -> int:
     from cliptune.config import markdown_table
 
@@ -161,6 +173,20 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", required=True, help="output folder (model.json + model.safetensors)")
     export.add_argument("--alpha", type=float, default=1.0, help="0 = the starting weights, 1 = fine-tuned")
     export.set_defaults(func=_export)
+
+    from cliptune.data.shards import add_arguments as shard_arguments
+
+    shards = sub.add_parser("shards", help="write a caption table as webdataset tar shards (data.shards)")
+    shard_arguments(shards)
+    shards.set_defaults(func=_shards)
+    comp = sub.add_parser(
+        "compositionality",
+        help="build a true-vs-false caption table (eval.compositionality) with generated hard negatives",
+        description="Options: --data TABLE --out FILE.jsonl [--count 3] [--seed 0] [--tagger auto|spacy|rules] "
+        "[--kinds swap replace shuffle] [--image-key --caption-key --images-root]",
+    )
+    comp.add_argument("options", nargs=argparse.REMAINDER, help="--data TABLE --out FILE.jsonl [...]")
+    comp.set_defaults(func=_compositionality)
     return parser
 
 

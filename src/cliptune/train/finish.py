@@ -59,9 +59,9 @@ def _run_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
     return {
         "steps": trainer.state.step,
         "epochs": trainer.state.epoch,
-        "train_images": len(table.images),
-        "train_captions": table.num_captions,
-        "skipped_images": len(table.skipped),
+        "train_images": len(table.images) if table is not None else None,
+        "train_captions": table.num_captions if table is not None else None,
+        "skipped_images": len(table.skipped) if table is not None else None,
         "skipped_samples": trainer.skipped_samples,
         "seconds_this_session": round(seconds, 1),
         "device": str(trainer.device),

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.losses.objective import Dense, Extras, Objective
+from cliptune.losses.objective import Extras, Objective
 from cliptune.models.base import ClipModel, Tower
 
 
@@ -61,7 +61,7 @@ class TrainModule(nn.Module):
         self.model, self.objective = model, objective
         self.locked, self.cached = list(locked), list(cached)
 
-    def forward(self, kind: str, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...] | Dense:
+    def forward(self, kind: str, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
         if kind in ("image", "text"):
             return self.embed(kind, inputs[0])
         if kind == "pair":
@@ -79,13 +79,16 @@ class TrainModule(nn.Module):
         with torch.no_grad() if tower in self.locked else nullcontext():
             return encode(inputs).float()
 
-    def dense(self, images: torch.Tensor, texts: torch.Tensor) -> Dense:
-        """Pooled features plus patch and token features (FSC-CLIP's local loss)."""
+    def dense(self, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Pooled features plus patch and token features (FSC-CLIP's local loss), in `Dense` field order.
+
+        A plain tuple, not the dataclass: DDP looks for the output's tensors to find the parameters that were used.
+        """
         with torch.no_grad() if "image" in self.locked else nullcontext():
             image, patches = self.model.encode_image_tokens(images)
         with torch.no_grad() if "text" in self.locked else nullcontext():
             text, tokens, mask = self.model.encode_text_tokens(texts)
-        return Dense(image.float(), patches.float(), text.float(), tokens.float(), mask)
+        return image.float(), patches.float(), text.float(), tokens.float(), mask
 
 
 __all__ = ["Batch", "TrainModule"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Iterator
@@ -90,12 +91,14 @@ def train_step(trainer: Trainer, batch: Batch) -> float:
 
 def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
     loader = make_loader(trainer.cfg, trainer.dataset, epoch, trainer.where)
-    fields = trainer.dataset.fields
-    for batch in loader:
+    fields = getattr(trainer.dataset, "fields", ("image", "tokens"))
+    # Every local batch is full (drop_last, or one batch holding the whole set), so a short one lost unreadable
+    # images; counting here rather than in the dataset also works when worker processes do the loading.
+    expected = loader.batch_size or loader.batch_sampler.local_size
+    # A stream stops at the step count every rank reaches (shards split unevenly); a table's loader is that long.
+    for batch in itertools.islice(loader, trainer.steps_per_epoch):
         got = 0 if batch is None else len(batch[0])
-        # Every local batch is full (drop_last, or one batch holding the whole set), so a short one lost unreadable
-        # images; counting here rather than in the dataset also works when worker processes do the loading.
-        trainer.skipped_samples += loader.batch_sampler.local_size - got
+        trainer.skipped_samples += expected - got
         if got < 2 and not trainer.where.distributed:  # a contrastive step needs at least one negative
             continue
         assert batch is not None, "every image of a local batch failed to load"
@@ -190,12 +193,15 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
     cfg = trainer.cfg
     log.info("run directory: %s", trainer.run_dir)
     table = trainer.train_table
-    log.info(
-        "train: %d images, %d captions; %d steps per epoch",
-        len(table.images),
-        table.num_captions,
-        trainer.steps_per_epoch,
-    )
+    if table is not None:
+        log.info(
+            "train: %d images, %d captions; %d steps per epoch",
+            len(table.images),
+            table.num_captions,
+            trainer.steps_per_epoch,
+        )
+    else:
+        log.info("train: streaming %s; %d steps per epoch", trainer.cfg.data.shards, trainer.steps_per_epoch)
     log.info("trainable parameters:\n%s", trainable_summary(trainer.model))
     started = time.perf_counter()
     if trainer.state.epoch == 0 and trainer.suite:

@@ -18,6 +18,7 @@ from cliptune import config as config_mod
 from cliptune.config import ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.data.datasets import NegativeSource
+from cliptune.data.shards import ShardStream
 from cliptune.eval import EvalSuite
 from cliptune.eval.encode import Encoding
 from cliptune.eval.feature_store import FeatureStore
@@ -76,8 +77,8 @@ class Trainer:
     model: ClipModel
     locked: list[Tower]
     device: torch.device
-    train_table: CaptionTable
-    dataset: TrainPairs
+    train_table: CaptionTable | None  # None when training streams from shards
+    dataset: TrainPairs | ShardStream
     encoding: Encoding
     suite: EvalSuite
     optimizer: torch.optim.Optimizer
@@ -225,11 +226,14 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         model.set_grad_checkpointing(True)
     ema = EMA(model, cfg.finetune.ema_decay) if cfg.finetune.ema_decay else None
     encoding = _encoding(cfg, model, _cacheable(cfg, locked, objective))
-    dataset = _dataset(cfg, train_table, model, encoding, labels, objective)
+    if train_table is None:
+        dataset: TrainPairs | ShardStream = _stream(cfg, model, objective, where)
+    else:
+        dataset = _dataset(cfg, train_table, model, encoding, labels, objective)
     optimizer = build_optimizer(model, cfg.optim)
     if objective.logit_bias is not None:  # SigLIP's bias, when the model has none: a no-decay group of its own
         optimizer.add_param_group({"params": [objective.logit_bias], "weight_decay": 0.0, "lr": cfg.optim.lr})
-    steps_per_epoch = len(make_loader(cfg, dataset, epoch=0, where=where))
+    steps_per_epoch = _steps_per_epoch(cfg, dataset, where)
     scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * cfg.train.epochs)
     if checkpoint:
         _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where)
@@ -259,8 +263,10 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
 
 def _process(cfg: RunConfig) -> tuple[World, torch.device]:
     """This process's place in a torchrun job (or the only process) and the device it trains on."""
-    if cfg.data.train is None and cfg.data.labelled is None:
-        raise ConfigError("data: no training data configured; set data.train.path (or data.labelled.path)")
+    if cfg.data.train is None and cfg.data.labelled is None and cfg.data.shards is None:
+        raise ConfigError(
+            "data: no training data configured; set data.train.path (or data.labelled.path, or data.shards)"
+        )
     device = resolve_device(cfg.runtime.device)
     where = init_distributed(device)
     check_batch(cfg.train.batch_size, where)
@@ -269,8 +275,10 @@ def _process(cfg: RunConfig) -> tuple[World, torch.device]:
     return where, local_device(device, where)
 
 
-def _training_data(cfg: RunConfig) -> tuple[CaptionTable, list[int] | None]:
+def _training_data(cfg: RunConfig) -> tuple[CaptionTable | None, list[int] | None]:
     """The caption table to train on; for a labelled set (FLYP, FT-CLIP) its class prompts and the labels."""
+    if cfg.data.shards is not None:
+        return None, None
     if cfg.data.train is not None:
         return read_caption_table(cfg.data.train), None
     from cliptune.data import read_classification
@@ -294,21 +302,27 @@ def _check_objective(cfg: RunConfig, model: ClipModel, objective: Objective, loc
             "loss.name fsc with loss.local_weight > 0 works on whole batches: set train.chunk_size null, or "
             "loss.local_weight 0"
         )
-    overridden = all(getattr(type(model), m) is not getattr(ClipModel, m) for m in _TOKEN_METHODS)
-    if objective.needs_tokens and not overridden:  # fail now rather than at the first step
-        raise ConfigError(
-            f"loss.name fsc: the FSC-CLIP local loss needs patch and token features, which {model.backend or 'this'} "
-            f"models of this kind do not give (OpenCLIP ViTs and Hugging Face CLIP do); set loss.local_weight 0"
-        )
+    if objective.needs_tokens:
+        _probe_tokens(model)
 
 
-_TOKEN_METHODS = ("encode_image_tokens", "encode_text_tokens")
+def _probe_tokens(model: ClipModel) -> None:
+    """Fail before training, not at the first step, when the towers cannot give FSC-CLIP's token features."""
+    from PIL import Image
+
+    image = model.eval_transform(Image.new("RGB", (64, 64)))[None]
+    try:
+        with torch.no_grad():
+            model.encode_image_tokens(image)
+            model.encode_text_tokens(model.tokenize(["a photo"]))
+    except NotImplementedError as e:
+        raise ConfigError(f"loss.name fsc: {e}") from None
 
 
 def _cacheable(cfg: RunConfig, locked: list[Tower], objective: Objective) -> list[Tower]:
     """Locked towers whose outputs are computed once; hard negatives and token features need a live tower."""
-    if not cfg.train.cache_locked or objective.needs_tokens:
-        return []
+    if not cfg.train.cache_locked or objective.needs_tokens or cfg.data.shards is not None:
+        return []  # a stream is not held in memory, so neither are per-sample outputs of it
     return [t for t in locked if not (t == "text" and objective.needs_negatives)]
 
 
@@ -397,8 +411,9 @@ def _dataset(
 
 def _negatives(cfg: RunConfig, table: CaptionTable) -> NegativeSource:
     """The user's negatives column if the table has one, else the generator (its tagger named in the log)."""
-    if getattr(table, "negatives", None):
-        return TableNegatives(table)
+    if table.negatives is not None:
+        log.info("hard negatives: from column %r of the training table", cfg.data.train.negatives_key)
+        return TableNegatives(table.negatives)
     from cliptune.data.negatives import NegativeGenerator
 
     generator = NegativeGenerator(kinds=tuple(cfg.loss.negative_kinds), tagger=cfg.loss.tagger)
@@ -419,23 +434,55 @@ class GeneratedNegatives:
 
 @dataclass
 class TableNegatives:
-    """(caption, seed) -> the negatives the user's table gives for that caption."""
+    """(caption, seed) -> the negatives the user's table gives for that caption (the seed is not needed)."""
 
-    table: CaptionTable
-
-    def __post_init__(self) -> None:
-        self.lookup = {
-            caption: negs
-            for caps, per_caption in zip(self.table.captions, self.table.negatives)
-            for caption, negs in zip(caps, per_caption)
-        }
+    negatives: dict[str, list[str]]
 
     def __call__(self, caption: str, seed: str) -> list[str]:
-        return list(self.lookup.get(caption, []))
+        return list(self.negatives.get(caption, []))
 
 
-def make_loader(cfg: RunConfig, dataset: TrainPairs, epoch: int, where: World = SINGLE) -> DataLoader:
+def _stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: World) -> ShardStream:
+    """Training samples streamed from webdataset shards, split over ranks and workers."""
+    if objective.needs_negatives or objective.needs_groups:
+        raise ConfigError(
+            f"loss.name {cfg.loss.name}: hard negatives and label-aware targets read a caption table; with "
+            "data.shards use loss.name clip or siglip, or train from data.train"
+        )
+    assert cfg.data.shards is not None
+    return ShardStream(
+        cfg.data.shards,
+        model.train_transform,
+        model.tokenize,
+        cfg.runtime.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        resample=cfg.data.shard_resample,
+        samples_per_epoch=cfg.data.samples_per_epoch,
+        rank=where.rank,
+        world_size=where.size,
+    )
+
+
+def _steps_per_epoch(cfg: RunConfig, dataset: TrainPairs | ShardStream, where: World) -> int:
+    if isinstance(dataset, TrainPairs):
+        return len(make_loader(cfg, dataset, epoch=0, where=where))
+    # Shards are whole files per rank, so ranks may hold different numbers of samples: every rank stops at the
+    # poorest rank's count, the same in every epoch so the schedule's length is known up front.
+    local = cfg.train.batch_size // where.size
+    workers = cfg.runtime.workers
+    return min(dataset.steps_per_epoch(local, where.size, workers, epoch) for epoch in range(cfg.train.epochs))
+
+
+def make_loader(cfg: RunConfig, dataset: TrainPairs | ShardStream, epoch: int, where: World = SINGLE) -> DataLoader:
     dataset.set_epoch(epoch)
+    if isinstance(dataset, ShardStream):
+        return DataLoader(
+            dataset,
+            batch_size=cfg.train.batch_size // where.size,
+            num_workers=cfg.runtime.workers,
+            drop_last=True,
+            collate_fn=collate_skip_none,
+        )
     # The data order is a pure function of (seed, epoch), so a resumed run replays it without saved sampler state.
     generator = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
     batch = cfg.train.batch_size
