@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import cliptune
-from cliptune.config import ModelConfig
 from cliptune.models import build_model
 from cliptune.train.distributed import GlobalBatchSampler, World
 from tests.helpers import CAPTIONS
@@ -48,7 +47,7 @@ def test_grad_checkpointing_is_used_by_the_open_clip_blocks(backends):
 def test_a_model_without_checkpointing_support_says_which_key(monkeypatch, backends):
     model = build_model(backends["openclip-vit"])
     monkeypatch.setattr(type(model), "modules", lambda self: iter([self]))
-    with pytest.raises(ValueError, match="train.grad_checkpointing"):
+    with pytest.raises(ValueError, match=r"train\.grad_checkpointing"):
         model.set_grad_checkpointing(True)
 
 
@@ -100,6 +99,6 @@ def test_global_batches_split_over_ranks_concatenate_to_the_single_process_batch
     per_rank = [batches(World(rank, world)) for rank in range(world)]
     assert all(len(b) == len(single) for b in per_rank)
     for step, expected in enumerate(single):
-        assert sum((per_rank[r][step] for r in range(world)), []) == expected
+        assert [i for r in range(world) for i in per_rank[r][step]] == expected
     sampler = GlobalBatchSampler(size, batch, torch.Generator(), drop_last=size > batch, where=World(0, world))
     assert sampler.local_size == len(per_rank[0][0])
