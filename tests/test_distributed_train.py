@@ -4,7 +4,7 @@ One spawn runs every case on both ranks through `cliptune.finetune` (the process
 sets it: environment variables read by the trainer); the main pytest process runs each case on one process and
 compares the logged losses of every step and the final weights. Cases cover the plain CLIP loss, GradCache chunks
 under DDP (`no_sync`, one-tower last chunk), SigLIP (its bias lives in the objective, synchronised by DDP), NegCLIP
-hard negatives and label-aware targets.
+hard negatives, label-aware targets, FSC-CLIP with its token-level loss, and a run resumed from its checkpoint.
 """
 
 import json
@@ -25,6 +25,8 @@ CASES = {
     "siglip": {"loss": {"name": "siglip", "siglip_bias_init": -2.0}},
     "negclip": {"loss": {"name": "negclip", "tagger": "rules"}},
     "unicl": {"loss": {"name": "unicl"}},
+    "fsc": {"loss": {"name": "fsc", "tagger": "rules", "hard_negatives": 2}},
+    "resumed": {},  # one epoch, then resumed for a second
 }
 
 
@@ -40,6 +42,14 @@ def _config(shapes: Path, out: Path, name: str) -> dict:
     return cliptune.config.merge(cfg, CASES[name])
 
 
+def _train(shapes: Path, out: Path, name: str) -> None:
+    if name != "resumed":
+        cliptune.finetune(_config(shapes, out, name))
+        return
+    cliptune.finetune(_config(shapes, out, name))
+    cliptune.finetune(_config(shapes, out, name), resume=True, train={"epochs": 2})
+
+
 def _worker(rank: int, port: int, shapes: str, out: str) -> None:
     os.environ.update(
         {"RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": str(WORLD), "MASTER_ADDR": "127.0.0.1"}
@@ -48,7 +58,7 @@ def _worker(rank: int, port: int, shapes: str, out: str) -> None:
     torch.set_num_threads(1)
     try:
         for name in CASES:
-            cliptune.finetune(_config(Path(shapes), Path(out), name))
+            _train(Path(shapes), Path(out), name)
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
@@ -79,7 +89,7 @@ def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
             if process.is_alive():
                 process.kill()
     for name in CASES:
-        cliptune.finetune(_config(shapes, one, name))
+        _train(shapes, one, name)
     return two, one
 
 
@@ -91,7 +101,7 @@ def _losses(run: Path) -> list[float]:
 @pytest.mark.parametrize("name", list(CASES))
 def test_two_processes_train_like_one(runs, name):
     two, one = runs[0] / name, runs[1] / name
-    assert len(_losses(two)) == len(_losses(one)) == 6  # 96 images, global batch 16
+    assert len(_losses(two)) == len(_losses(one)) == (12 if name == "resumed" else 6)  # 96 images, batch 16
     torch.testing.assert_close(torch.tensor(_losses(two)), torch.tensor(_losses(one)), rtol=1e-4, atol=1e-5)
     got, expected = load_file(two / "model" / "model.safetensors"), load_file(one / "model" / "model.safetensors")
     assert got.keys() == expected.keys()

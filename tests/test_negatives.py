@@ -87,8 +87,7 @@ def test_the_same_seed_gives_the_same_negatives_in_every_process():
     assert [generator.negatives(c, 5, seed=7) for c in CAPTIONS] == first
     others = [generator.negatives_for(CAPTIONS, 5, seed=s) for s in (8, "other")]
     assert all(o != first for o in others)
-    # A fresh process with another string-hash seed: WordNet is left out only to keep the test fast (its candidates
-    # are sorted, so no set order reaches the output).
+    # A fresh process with another string-hash seed (WordNet has its own test below).
     code = (
         "import json; from cliptune.data.negatives import NegativeGenerator; "
         f"print(json.dumps(NegativeGenerator(lexicon='builtin').negatives_for({CAPTIONS!r}, 5, seed=7)))"
@@ -96,6 +95,28 @@ def test_the_same_seed_gives_the_same_negatives_in_every_process():
     env = {**os.environ, "PYTHONHASHSEED": "12345"}
     fresh = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env)
     assert json.loads(fresh.stdout) == NegativeGenerator(lexicon="builtin").negatives_for(CAPTIONS, 5, seed=7)
+
+
+@needs_wordnet
+def test_wordnet_replacements_do_not_depend_on_the_process_string_hash():
+    """NLTK holds a lemma's pointers in sets; their order must not reach the negatives (it broke a 2-process run)."""
+    captions = [*CAPTIONS, "a blue circle on a white background", "a small red square", "a dog chasing a cat"]
+    code = (
+        "import json; from cliptune.data.negatives import NegativeGenerator; "
+        "g = NegativeGenerator(tagger='rules', kinds=('replace',)); "
+        f"print(json.dumps(g.negatives_for({captions!r}, 4, seed=3)))"
+    )
+    outputs = [
+        subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env={**os.environ, "PYTHONHASHSEED": str(hash_seed)},
+        ).stdout
+        for hash_seed in (0, 1, 2)
+    ]
+    assert outputs[0] == outputs[1] == outputs[2]
 
 
 def test_swap_exchanges_two_spans_of_one_kind(tagger):

@@ -437,8 +437,12 @@ def _wordnet_alternatives(lemma: str, pos: str) -> tuple[tuple[str, float], ...]
     # Verb "siblings" (sit -> squat, lounge) are rarely false of a picture, and an adjective's through its noun are
     # near-synonyms when it has an opposite (noisy -> clamorous): there only colours and the like need them.
     if pos == "n" or (pos == "a" and not found):
+        antonyms = set(found)
+        # NLTK keeps a lemma's pointers in sets, so the order (and which path reaches a word first) follows Python's
+        # per-process string hashing: take the largest count of each word, which no order changes.
         for other in _co_hyponyms(synsets[0], lemma):
-            found.setdefault(other.name(), float(other.count()))
+            if other.name() not in antonyms:
+                found[other.name()] = max(found.get(other.name(), 0.0), float(other.count()))
     return tuple(
         (name, weight)
         for name, weight in sorted(found.items())
