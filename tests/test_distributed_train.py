@@ -114,3 +114,26 @@ def test_only_the_main_process_writes_the_run(runs):
     results = json.loads((runs[0] / "clip" / "results.json").read_text())
     assert results["run"]["steps"] == 6
     assert (runs[0] / "clip" / "checkpoints").is_dir()
+
+
+@pytest.mark.slow
+def test_torchrun_launches_the_cli(shapes, tmp_path):
+    """The real launcher: `torchrun -m cliptune.cli train`, two CPU processes, gloo; rank 0 reports and writes."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    config = tmp_path / "c.yaml"
+    config.write_text(yaml.safe_dump(_config(shapes, tmp_path / "runs", "clip")))
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    proc = subprocess.run(
+        [*torchrun, "-m", "cliptune.cli", "train", str(config), "name=launched"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("run directory:") == 1
+    assert json.loads((tmp_path / "runs" / "launched" / "results.json").read_text())["run"]["steps"] == 6

@@ -52,6 +52,8 @@ def finetune(
 ) -> dict[str, Any]:
     """Fine-tune as the config says; returns results.json's content plus `run_dir`.
 
+    Under torchrun every process calls this; only rank 0 gets the results, the others get just `run_dir`.
+
     Keyword overrides take nested dicts (`optim={"lr": 1e-4}`) or dotted names (`**{"optim.lr": 1e-4}`);
     `overrides` takes CLI-style `key=value` strings.
     """

@@ -14,6 +14,8 @@ def _train(args: argparse.Namespace) -> int:
     from cliptune.api import finetune
 
     results = finetune(args.config, resume=args.resume, overrides=args.overrides)
+    if "final" not in results:  # a process other than rank 0 of a torchrun job: rank 0 reports
+        return 0
     print(_table(results["baseline"], results["final"]))
     print(f"\nrun directory: {results['run_dir']}  (summary.md, results.json, curves.png, model/)")
     return 0
