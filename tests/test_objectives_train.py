@@ -162,3 +162,17 @@ def test_training_from_shards(shapes, tmp_path):
 def test_objective_config_errors_name_the_key(shapes, tmp_path, sections, message):
     with pytest.raises(ConfigError, match=message):
         build_trainer(resolve_config(_config(shapes, tmp_path, "bad", **sections)))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("loss", [{"name": "siglip"}, {"name": "negclip", "tagger": "rules", "hard_negatives": 2}])
+def test_chunked_batches_train_like_whole_batches_for_other_objectives(shapes, tmp_path, loss):
+    """GradCache with the objective's extra inputs (SigLIP's bias, hard negatives chunked with the captions)."""
+
+    def losses(name: str, **train) -> list[float]:
+        cfg = _config(shapes, tmp_path, name, loss=loss, train=train, runtime={"log_every": 1})
+        cliptune.finetune(cfg)
+        return [json.loads(line)["loss"] for line in (tmp_path / name / "train.jsonl").read_text().splitlines()]
+
+    whole, chunked = losses("whole"), losses("chunked", chunk_size=5)
+    torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), rtol=1e-4, atol=1e-5)
