@@ -17,12 +17,13 @@ from cliptune.eval.encode import autocast
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.train.checkpoint import save_checkpoint
+from cliptune.train.data import make_loader
 from cliptune.train.distributed import barrier
 from cliptune.train.finish import finish
 from cliptune.train.forward import Batch
 from cliptune.train.gradcache import chunked_backward
 from cliptune.train.logging import log
-from cliptune.train.setup import Callback, Trainer, make_loader
+from cliptune.train.setup import Callback, Trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import random
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,12 +11,10 @@ from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from cliptune import config as config_mod
 from cliptune.config import ConfigError, RunConfig
-from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
-from cliptune.data.datasets import NegativeSource
+from cliptune.data import CaptionTable, TrainPairs
 from cliptune.data.shards import ShardStream
 from cliptune.eval import EvalSuite
 from cliptune.eval.encode import Encoding
@@ -27,15 +24,8 @@ from cliptune.losses.objective import Objective
 from cliptune.models import ClipModel, build_model, rebuild
 from cliptune.models.base import Tower
 from cliptune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
-from cliptune.train.distributed import (
-    SINGLE,
-    GlobalBatchSampler,
-    World,
-    barrier,
-    check_batch,
-    init_distributed,
-    local_device,
-)
+from cliptune.train.data import shard_stream, steps_per_epoch, train_dataset, training_table
+from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
 from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, log, truncate_after
 from cliptune.train.optim import build_optimizer, build_scheduler
@@ -210,7 +200,7 @@ def _prepare_model(cfg: RunConfig, resuming: bool, where: World) -> tuple[ClipMo
 def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     """Everything a run needs, with every input checked before the first step."""
     where, device = _process(cfg)
-    train_table, labels = _training_data(cfg)
+    train_table, labels = training_table(cfg)
     suite = EvalSuite.from_config(cfg.eval)
     checkpoint = prepare_run_dir(cfg, resume, where)
     seed_everything(cfg.runtime.seed)
@@ -227,14 +217,14 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     ema = EMA(model, cfg.finetune.ema_decay) if cfg.finetune.ema_decay else None
     encoding = _encoding(cfg, model, _cacheable(cfg, locked, objective))
     if train_table is None:
-        dataset: TrainPairs | ShardStream = _stream(cfg, model, objective, where)
+        dataset: TrainPairs | ShardStream = shard_stream(cfg, model, objective, where)
     else:
-        dataset = _dataset(cfg, train_table, model, encoding, labels, objective)
+        dataset = train_dataset(cfg, train_table, model, encoding, labels, objective)
     optimizer = build_optimizer(model, cfg.optim)
     if objective.logit_bias is not None:  # SigLIP's bias, when the model has none: a no-decay group of its own
         optimizer.add_param_group({"params": [objective.logit_bias], "weight_decay": 0.0, "lr": cfg.optim.lr})
-    steps_per_epoch = _steps_per_epoch(cfg, dataset, where)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps_per_epoch * cfg.train.epochs)
+    steps = steps_per_epoch(cfg, dataset, where)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs)
     if checkpoint:
         _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where)
     module = TrainModule(model, objective, locked, encoding.cached)
@@ -250,7 +240,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         suite,
         optimizer,
         scheduler,
-        steps_per_epoch,
+        steps,
         state,
         RunLog(cfg.run_dir) if where.main else SilentLog(),
         module,
@@ -273,25 +263,6 @@ def _process(cfg: RunConfig) -> tuple[World, torch.device]:
     if not where.main:  # one console: the other ranks report only warnings and errors
         log.setLevel("WARNING")
     return where, local_device(device, where)
-
-
-def _training_data(cfg: RunConfig) -> tuple[CaptionTable | None, list[int] | None]:
-    """The caption table to train on; for a labelled set (FLYP, FT-CLIP) its class prompts and the labels."""
-    if cfg.data.shards is not None:
-        return None, None
-    if cfg.data.train is not None:
-        return read_caption_table(cfg.data.train), None
-    from cliptune.data import read_classification
-
-    spec = cfg.data.labelled
-    assert spec is not None
-    labelled = read_classification(spec)
-    # FLYP: every template filled with the image's class name is one of its captions; an epoch draws one of them.
-    prompts = [[t.format(name) for t in spec.templates] for name in labelled.classnames]
-    table = CaptionTable(
-        list(labelled.paths), [prompts[label] for label in labelled.labels], list(labelled.skipped), spec.name
-    )
-    return table, list(labelled.labels)
 
 
 def _check_objective(cfg: RunConfig, model: ClipModel, objective: Objective, locked: list[Tower]) -> None:
@@ -375,122 +346,3 @@ def _restore(
         for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):
             truncate_after(path, state.epoch)
     log.info("resumed from %s (epoch %d, step %d)", checkpoint, state.epoch, state.step)
-
-
-def _dataset(
-    cfg: RunConfig,
-    table: CaptionTable,
-    model: ClipModel,
-    encoding: Encoding,
-    labels: list[int] | None,
-    objective: Objective,
-) -> TrainPairs:
-    """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
-    started = time.perf_counter()
-    image_features = encoding.trunk_features("image", table.images) if "image" in encoding.cached else None
-    text_features = encoding.trunk_features("text", table.flat()[0]) if "text" in encoding.cached else None
-    if encoding.cached:
-        log.info(
-            "cached locked %s tower output(s) for training in %.1fs",
-            " and ".join(encoding.cached),
-            time.perf_counter() - started,
-        )
-    return TrainPairs(
-        table,
-        model.train_transform,
-        model.tokenize,
-        cfg.runtime.seed,
-        image_features,
-        text_features,
-        labels=labels if objective.needs_groups else None,
-        groups=objective.needs_groups,
-        negatives=_negatives(cfg, table) if objective.needs_negatives else None,
-        hard_negatives=cfg.loss.hard_negatives,
-    )
-
-
-def _negatives(cfg: RunConfig, table: CaptionTable) -> NegativeSource:
-    """The user's negatives column if the table has one, else the generator (its tagger named in the log)."""
-    if table.negatives is not None:
-        log.info("hard negatives: from column %r of the training table", cfg.data.train.negatives_key)
-        return TableNegatives(table.negatives)
-    from cliptune.data.negatives import NegativeGenerator
-
-    generator = NegativeGenerator(kinds=tuple(cfg.loss.negative_kinds), tagger=cfg.loss.tagger)
-    log.info("hard negatives: generated (%s, kinds %s)", generator.describe(), ", ".join(cfg.loss.negative_kinds))
-    return GeneratedNegatives(generator, cfg.loss.hard_negatives)
-
-
-@dataclass
-class GeneratedNegatives:
-    """(caption, seed) -> up to `count` generated hard negatives; a class so DataLoader workers can pickle it."""
-
-    generator: Any
-    count: int
-
-    def __call__(self, caption: str, seed: str) -> list[str]:
-        return self.generator.negatives(caption, self.count, seed)
-
-
-@dataclass
-class TableNegatives:
-    """(caption, seed) -> the negatives the user's table gives for that caption (the seed is not needed)."""
-
-    negatives: dict[str, list[str]]
-
-    def __call__(self, caption: str, seed: str) -> list[str]:
-        return list(self.negatives.get(caption, []))
-
-
-def _stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: World) -> ShardStream:
-    """Training samples streamed from webdataset shards, split over ranks and workers."""
-    if objective.needs_negatives or objective.needs_groups:
-        raise ConfigError(
-            f"loss.name {cfg.loss.name}: hard negatives and label-aware targets read a caption table; with "
-            "data.shards use loss.name clip or siglip, or train from data.train"
-        )
-    assert cfg.data.shards is not None
-    return ShardStream(
-        cfg.data.shards,
-        model.train_transform,
-        model.tokenize,
-        cfg.runtime.seed,
-        shuffle_buffer=cfg.data.shuffle_buffer,
-        resample=cfg.data.shard_resample,
-        samples_per_epoch=cfg.data.samples_per_epoch,
-        rank=where.rank,
-        world_size=where.size,
-    )
-
-
-def _steps_per_epoch(cfg: RunConfig, dataset: TrainPairs | ShardStream, where: World) -> int:
-    if isinstance(dataset, TrainPairs):
-        return len(make_loader(cfg, dataset, epoch=0, where=where))
-    # Shards are whole files per rank, so ranks may hold different numbers of samples: every rank stops at the
-    # poorest rank's count, the same in every epoch so the schedule's length is known up front.
-    local = cfg.train.batch_size // where.size
-    workers = cfg.runtime.workers
-    return min(dataset.steps_per_epoch(local, where.size, workers, epoch) for epoch in range(cfg.train.epochs))
-
-
-def make_loader(cfg: RunConfig, dataset: TrainPairs | ShardStream, epoch: int, where: World = SINGLE) -> DataLoader:
-    dataset.set_epoch(epoch)
-    if isinstance(dataset, ShardStream):
-        return DataLoader(
-            dataset,
-            batch_size=cfg.train.batch_size // where.size,
-            num_workers=cfg.runtime.workers,
-            drop_last=True,
-            collate_fn=collate_skip_none,
-        )
-    # The data order is a pure function of (seed, epoch), so a resumed run replays it without saved sampler state.
-    generator = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
-    batch = cfg.train.batch_size
-    # a ragged last batch is a different (easier) contrastive task: dropped
-    sampler = GlobalBatchSampler(len(dataset), batch, generator, drop_last=len(dataset) > batch, where=where)
-    return DataLoader(
-        dataset,
-        batch_sampler=sampler,
-        num_workers=cfg.runtime.workers,
-        collate_fn=collate_skip_none,
-    )

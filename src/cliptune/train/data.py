@@ -1,0 +1,159 @@
+"""Training data of a run: the table (or labelled set, or shards), its dataset with the objective's extra fields,
+the hard-negative source, and the per-epoch loader."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader
+
+from cliptune.config import ConfigError, RunConfig
+from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
+from cliptune.data.datasets import NegativeSource
+from cliptune.data.shards import ShardStream
+from cliptune.eval.encode import Encoding
+from cliptune.losses.objective import Objective
+from cliptune.models import ClipModel
+from cliptune.train.distributed import SINGLE, GlobalBatchSampler, World
+from cliptune.train.logging import log
+
+
+def training_table(cfg: RunConfig) -> tuple[CaptionTable | None, list[int] | None]:
+    """The caption table to train on; for a labelled set (FLYP, FT-CLIP) its class prompts and the labels."""
+    if cfg.data.shards is not None:
+        return None, None
+    if cfg.data.train is not None:
+        return read_caption_table(cfg.data.train), None
+    from cliptune.data import read_classification
+
+    spec = cfg.data.labelled
+    assert spec is not None
+    labelled = read_classification(spec)
+    # FLYP: every template filled with the image's class name is one of its captions; an epoch draws one of them.
+    prompts = [[t.format(name) for t in spec.templates] for name in labelled.classnames]
+    table = CaptionTable(
+        list(labelled.paths), [prompts[label] for label in labelled.labels], list(labelled.skipped), spec.name
+    )
+    return table, list(labelled.labels)
+
+
+def train_dataset(
+    cfg: RunConfig,
+    table: CaptionTable,
+    model: ClipModel,
+    encoding: Encoding,
+    labels: list[int] | None,
+    objective: Objective,
+) -> TrainPairs:
+    """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
+    started = time.perf_counter()
+    image_features = encoding.trunk_features("image", table.images) if "image" in encoding.cached else None
+    text_features = encoding.trunk_features("text", table.flat()[0]) if "text" in encoding.cached else None
+    if encoding.cached:
+        log.info(
+            "cached locked %s tower output(s) for training in %.1fs",
+            " and ".join(encoding.cached),
+            time.perf_counter() - started,
+        )
+    return TrainPairs(
+        table,
+        model.train_transform,
+        model.tokenize,
+        cfg.runtime.seed,
+        image_features,
+        text_features,
+        labels=labels if objective.needs_groups else None,
+        groups=objective.needs_groups,
+        negatives=negative_source(cfg, table) if objective.needs_negatives else None,
+        hard_negatives=cfg.loss.hard_negatives,
+    )
+
+
+def negative_source(cfg: RunConfig, table: CaptionTable) -> NegativeSource:
+    """The user's negatives column if the table has one, else the generator (its tagger named in the log)."""
+    if table.negatives is not None:
+        log.info("hard negatives: from column %r of the training table", cfg.data.train.negatives_key)
+        return TableNegatives(table.negatives)
+    from cliptune.data.negatives import NegativeGenerator
+
+    generator = NegativeGenerator(kinds=tuple(cfg.loss.negative_kinds), tagger=cfg.loss.tagger)
+    log.info("hard negatives: generated (%s, kinds %s)", generator.describe(), ", ".join(cfg.loss.negative_kinds))
+    return GeneratedNegatives(generator, cfg.loss.hard_negatives)
+
+
+@dataclass
+class GeneratedNegatives:
+    """(caption, seed) -> up to `count` generated hard negatives; a class so DataLoader workers can pickle it."""
+
+    generator: Any
+    count: int
+
+    def __call__(self, caption: str, seed: str) -> list[str]:
+        return self.generator.negatives(caption, self.count, seed)
+
+
+@dataclass
+class TableNegatives:
+    """(caption, seed) -> the negatives the user's table gives for that caption (the seed is not needed)."""
+
+    negatives: dict[str, list[str]]
+
+    def __call__(self, caption: str, seed: str) -> list[str]:
+        return list(self.negatives.get(caption, []))
+
+
+def shard_stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: World) -> ShardStream:
+    """Training samples streamed from webdataset shards, split over ranks and workers."""
+    if objective.needs_negatives or objective.needs_groups:
+        raise ConfigError(
+            f"loss.name {cfg.loss.name}: hard negatives and label-aware targets read a caption table; with "
+            "data.shards use loss.name clip or siglip, or train from data.train"
+        )
+    assert cfg.data.shards is not None
+    return ShardStream(
+        cfg.data.shards,
+        model.train_transform,
+        model.tokenize,
+        cfg.runtime.seed,
+        shuffle_buffer=cfg.data.shuffle_buffer,
+        resample=cfg.data.shard_resample,
+        samples_per_epoch=cfg.data.samples_per_epoch,
+        rank=where.rank,
+        world_size=where.size,
+    )
+
+
+def steps_per_epoch(cfg: RunConfig, dataset: TrainPairs | ShardStream, where: World) -> int:
+    if isinstance(dataset, TrainPairs):
+        return len(make_loader(cfg, dataset, epoch=0, where=where))
+    # Shards are whole files per rank, so ranks may hold different numbers of samples: every rank stops at the
+    # poorest rank's count, the same in every epoch so the schedule's length is known up front.
+    local = cfg.train.batch_size // where.size
+    workers = cfg.runtime.workers
+    return min(dataset.steps_per_epoch(local, where.size, workers, epoch) for epoch in range(cfg.train.epochs))
+
+
+def make_loader(cfg: RunConfig, dataset: TrainPairs | ShardStream, epoch: int, where: World = SINGLE) -> DataLoader:
+    dataset.set_epoch(epoch)
+    if isinstance(dataset, ShardStream):
+        return DataLoader(
+            dataset,
+            batch_size=cfg.train.batch_size // where.size,
+            num_workers=cfg.runtime.workers,
+            drop_last=True,
+            collate_fn=collate_skip_none,
+        )
+    # The data order is a pure function of (seed, epoch), so a resumed run replays it without saved sampler state.
+    generator = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
+    batch = cfg.train.batch_size
+    # a ragged last batch is a different (easier) contrastive task: dropped
+    sampler = GlobalBatchSampler(len(dataset), batch, generator, drop_last=len(dataset) > batch, where=where)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=cfg.runtime.workers,
+        collate_fn=collate_skip_none,
+    )
