@@ -102,7 +102,11 @@ def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
         trainer.skipped_samples += expected - got
         if got < 2 and not trainer.where.distributed:  # a contrastive step needs at least one negative
             continue
-        assert batch is not None, "every image of a local batch failed to load"
+        if batch is None:  # one process cannot skip a step the others take: their collectives would wait forever
+            raise RuntimeError(
+                f"every image of this process's batch at step {trainer.state.step} failed to load (see the warnings "
+                "above); remove or repair those files and resume with --resume"
+            )
         out = Batch.from_columns(fields, batch, trainer.device)
         if trainer.cfg.runtime.channels_last:
             out.images = out.images.contiguous(memory_format=torch.channels_last)
