@@ -119,24 +119,27 @@ def test_restrict_list_keeps_the_images_of_the_table(tmp_path):
     listing.write_text("images/a.png\tanimals\nimages/b.png\tpeople\n\nimages/c.png\tanimals\n")
     table = tmp_path / "val.csv"
     write_table(table, [["images/c.png", "C"], ["images/a.png", "A"]])
-    out = bench.restrict_list(listing, table, tmp_path / "cats.txt")
+    out = bench.restrict_list(listing, table, tmp_path / "new" / "cats.txt")  # its folder is made
     assert out.read_text().splitlines() == [f"{folder}/images/a.png\tanimals", f"{folder}/images/c.png\tanimals"]
 
 
-def test_changed_parameters_counts_tensors_that_moved():
+def test_changed_parameters_counts_parameter_tensors_that_moved():
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4), torch.nn.Linear(4, 2))
     initial = {name: value.clone() for name, value in model.state_dict().items()}
     assert bench.changed_parameters(model, initial) == 0
+    model(torch.randn(5, 3))  # train mode: moves the BatchNorm running statistics, which are buffers
     with torch.no_grad():
         model[0].weight[1, 2] += 1e-3  # one element is enough to count its tensor
-        model[1].bias.mul_(2.0)
+        model[2].bias.mul_(2.0)
+    assert not torch.equal(model[1].running_mean, initial["1.running_mean"])
     assert bench.changed_parameters(model, initial) == 3 * 4 + 2
 
 
 def test_every_row_config_is_valid_and_says_what_the_tables_claim(tmp_path):
     s = bench.Settings(tmp_path)
-    data = bench.ClipArt(*(tmp_path / n for n in ("train.csv", "val.csv", "cats.txt", "negatives.jsonl")))
+    names = ("train.csv", "val.csv", "cats.txt", "negatives.jsonl", "forget.txt")
+    data = bench.ClipArt(*(tmp_path / n for n in names))
     objectives = {
         label: resolve_config(bench.objective_config(label, loss, "runs/source", s, data))
         for label, loss in bench.OBJECTIVES.items()
@@ -149,10 +152,11 @@ def test_every_row_config_is_valid_and_says_what_the_tables_claim(tmp_path):
         assert cfg.optim.lr == s.lr and cfg.train.epochs == s.epochs and cfg.model.init == "runs/source"
     classifiers = {
         label: resolve_config(bench.classifier_config(label, recipe, "runs/source", s, tmp_path / "train.txt"))
-        for label, recipe in bench.CLASSIFIERS.items()
+        for label, recipe in bench.classifiers(s.class_lr).items()
     }
     probe, ft, flyp = classifiers.values()
-    assert (probe.loss.name, probe.optim.lr, probe.optim.lr_image) == ("ce", 0.0, bench.PROBE_LR)
+    assert (probe.loss.name, probe.optim.lr, probe.optim.lr_image) == ("ce", 0.0, s.class_lr)
+    assert ft.optim.lr == flyp.optim.lr == s.class_lr
     assert probe.finetune.lock_image_patterns == "!class_weights"
     assert (ft.loss.name, ft.optim.layer_decay_image, ft.finetune.ema_decay) == ("ce", 0.65, bench.EMA_DECAY)
     assert (flyp.loss.name, flyp.finetune.lock_image, flyp.finetune.lock_text) == ("unicl", False, False)
@@ -160,6 +164,15 @@ def test_every_row_config_is_valid_and_says_what_the_tables_claim(tmp_path):
         assert cfg.data.labelled.templates == bench.FASHION_TEMPLATES and cfg.data.train is None
     names = [c.name for c in (*objectives.values(), *classifiers.values())]
     assert len(set(names)) == len(names)  # one run directory per row
-    for fashion in (None, tmp_path / "test.txt"):
-        section = resolve_config({"eval": bench.eval_sets(data, fashion)}).eval
-        assert {z.name for z in section.zeroshot} >= {bench.CATEGORIES}
+    part_a = resolve_config({"eval": bench.eval_sets(data)}).eval
+    assert [(r.name, Path(r.path)) for r in part_a.retrieval] == [(bench.RETRIEVAL, data.val)]
+    assert [(c.name, Path(c.path)) for c in part_a.compositionality] == [(bench.COMPOSITION, data.negatives)]
+    assert [(z.name, Path(z.path)) for z in part_a.zeroshot] == [(bench.CATEGORIES, data.categories)]
+    part_b = resolve_config({"eval": bench.eval_sets(data, tmp_path / "test.txt")}).eval
+    assert not part_b.retrieval and not part_b.compositionality
+    assert [(z.name, Path(z.path)) for z in part_b.zeroshot] == [
+        (bench.FASHION, tmp_path / "test.txt"),
+        (bench.CATEGORIES, data.forgetting),
+    ]
+    assert part_b.zeroshot[0].templates == bench.FASHION_TEMPLATES
+    assert part_b.zeroshot[1].templates == part_a.zeroshot[0].templates == bench.CLIPART_TEMPLATES
