@@ -300,3 +300,12 @@ def test_wordnet_replacements_are_antonyms_or_co_hyponyms():
     assert {n.split()[1] for n in colours if n.endswith("violin")} <= COLOURS - {"red"}  # colours through their nouns
     verbs = generator.negatives("a man is opening the window", 50)
     assert "a man is closing the window" in verbs  # open -> close, a WordNet verb antonym, re-inflected
+
+
+def test_a_negative_differs_from_the_caption_by_more_than_spacing_around_punctuation():
+    """'LED Circle ( Red)' tokenises like 'LED Circle (Red)': it would tie with the true caption, not be a negative."""
+    generator = NegativeGenerator(kinds=("shuffle",), tagger="rules")
+    for caption in ("LED Circle (Red)", "arrow-up-seagreen", "Cayenne Pepper 1, Simple"):
+        squeezed = "".join(caption.lower().split())
+        for negative in generator.negatives(caption, 10, seed=0):
+            assert "".join(negative.lower().split()) != squeezed

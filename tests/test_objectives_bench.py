@@ -132,7 +132,9 @@ def test_changed_parameters_counts_parameter_tensors_that_moved():
     with torch.no_grad():
         model[0].weight[1, 2] += 1e-3  # one element is enough to count its tensor
         model[2].bias.mul_(2.0)
+        model[2].weight.mul_(1.0 + 3e-7)  # a rounding-sized change, as an EMA leaves on a parameter without gradient
     assert not torch.equal(model[1].running_mean, initial["1.running_mean"])
+    assert not torch.equal(model[2].weight, initial["2.weight"])
     assert bench.changed_parameters(model, initial) == 3 * 4 + 2
 
 

@@ -638,7 +638,8 @@ _MAKERS: dict[str, Callable[[Parse, random.Random, int, _Context], list[str]]] =
 
 
 def _norm(text: str) -> str:
-    return " ".join(text.lower().split())
+    """Case and spacing ignored, also around punctuation: "circle ( red)" is no negative of "circle (red)"."""
+    return " ".join(re.sub(r"\s*([^\w\s])\s*", r"\1", text.lower()).split())
 
 
 # ---------------------------------------------------------------------------------------------------------------
