@@ -25,7 +25,16 @@ Sample = tuple[torch.Tensor, ...]
 NegativeSource = Callable[[str, str], list[str]]
 
 
-def sample_seed(seed: int, epoch: int, index: int) -> int:
+def caption_index(seed: int, epoch: int, key: int | str, count: int) -> int:
+    """Which of `count` captions sample `key` draws in `epoch`: one rule for tables and shards."""
+    if count == 1:
+        return 0
+    # A string seed is hashed with SHA-512 by `random`, never with Python's salted `hash`, so the draw is the
+    # same in every worker process and run, and distinct triples never share a seed by arithmetic accident.
+    return random.Random(f"{seed}:{epoch}:{key}").randrange(count)
+
+
+def sample_seed(seed: int, epoch: int, index: int | str) -> int:
     """A 63-bit seed that is a pure function of (seed, epoch, index): the same in every worker, rank and run."""
     return random.Random(f"augment:{seed}:{epoch}:{index}").getrandbits(63)
 
@@ -96,13 +105,8 @@ class TrainPairs(Dataset):
 
     def caption_index(self, index: int, epoch: int | None = None) -> int:
         """Which caption of image `index` is drawn in `epoch` (default: the current epoch)."""
-        count = len(self.table.captions[index])
-        if count == 1:
-            return 0
         epoch = self.epoch if epoch is None else epoch
-        # A string seed is hashed with SHA-512 by `random`, never with Python's salted `hash`, so the draw is the
-        # same in every worker process and run, and distinct triples never share a seed by arithmetic accident.
-        return random.Random(f"{self.seed}:{epoch}:{index}").randrange(count)
+        return caption_index(self.seed, epoch, index, len(self.table.captions[index]))
 
     def caption(self, index: int, epoch: int | None = None) -> str:
         """The caption drawn for image `index` in `epoch` (default: the current epoch)."""
@@ -149,7 +153,7 @@ class TrainPairs(Dataset):
                 self.failed.add(path)
                 logger.warning("%s: could not be loaded (%s); skipping it in training", path, e)
             return None
-        return _seeded(self.transform, image, sample_seed(self.seed, self.epoch, index))
+        return seeded_transform(self.transform, image, sample_seed(self.seed, self.epoch, index))
 
     def __getitem__(self, index: int) -> Sample | None:
         image = self._image(index)
@@ -158,7 +162,7 @@ class TrainPairs(Dataset):
         return image, self._text(index), *self._extras(index)
 
 
-def _seeded(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor:
+def seeded_transform(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor:
     """`transform(image)` with torch's and Python's generators seeded by `seed`, both restored afterwards."""
     state = random.getstate()
     try:

@@ -58,7 +58,7 @@ import webdataset as wds
 from PIL import Image
 from torch.utils.data import IterableDataset
 
-from cliptune.data.datasets import Tokenize, Transform
+from cliptune.data.datasets import Tokenize, Transform, caption_index, sample_seed, seeded_transform
 from cliptune.data.errors import DataError
 from cliptune.data.images import log_skipped, to_rgb
 from cliptune.data.tables import CaptionTable
@@ -159,14 +159,6 @@ def _read_image(path: Path) -> tuple[bytes, str] | None:
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reading
-
-
-def caption_index(seed: int, epoch: int, key: int | str, count: int) -> int:
-    """Which of `count` captions sample `key` draws in `epoch`; the same rule as `TrainPairs.caption_index`."""
-    if count == 1:
-        return 0
-    # A string seed is hashed with SHA-512 by `random`, never with Python's salted `hash`: the same in every process.
-    return random.Random(f"{seed}:{epoch}:{key}").randrange(count)
 
 
 class ShardStream(IterableDataset):
@@ -320,7 +312,9 @@ class ShardStream(IterableDataset):
         captions = _captions(meta, raw, where)
         key = meta.get("key", raw["__key__"])
         tokens = self.tokenize([captions[caption_index(self.seed, self.epoch, key, len(captions))]])
-        sample = (self.transform(image), tokens[0] if tokens.dim() > 1 else tokens)
+        # augmentation seeded per (seed, epoch, sample), as TrainPairs does: the same whatever the ranks and workers
+        pixels = seeded_transform(self.transform, image, sample_seed(self.seed, self.epoch, key))
+        sample = (pixels, tokens[0] if tokens.dim() > 1 else tokens)
         if not self.with_labels:
             return sample
         if "label" not in meta:
