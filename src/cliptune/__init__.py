@@ -1,15 +1,19 @@
-"""cliptune: fine-tune CLIP-style image-text models on your own data. Public API: finetune, load, evaluate."""
+"""cliptune: fine-tune CLIP-style image-text models on your own data. Public API: finetune, load, evaluate, Index."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["evaluate", "finetune", "load"]
+__all__ = ["Index", "evaluate", "finetune", "load"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str) -> Any:
     # Lazy, so `cliptune --help` and `import cliptune.config` do not pay for importing torch.
+    if name == "Index":
+        from cliptune.index import Index
+
+        return Index
     if name in __all__:
         from cliptune import api
 

@@ -128,6 +128,24 @@ def _compositionality(args: argparse.Namespace) -> int:
     return build(["build", *args.options])
 
 
+def _index(args: argparse.Namespace) -> int:
+    from cliptune.index.cli import index
+
+    return index(args)
+
+
+def _search(args: argparse.Namespace) -> int:
+    from cliptune.index.cli import search
+
+    return search(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from cliptune.serve import serve
+
+    return serve(args)
+
+
 def _config(args: argparse.Namespace) -> int:
     from cliptune.config import markdown_table
 
@@ -189,7 +207,33 @@ def _parser() -> argparse.ArgumentParser:
     )
     comp.add_argument("options", nargs=argparse.REMAINDER, help="--data TABLE --out FILE.jsonl [...]")
     comp.set_defaults(func=_compositionality)
+    _search_commands(sub)
     return parser
+
+
+def _search_commands(sub: argparse._SubParsersAction) -> None:
+    index = sub.add_parser("index", help="encode a folder, caption table, list file or shards into a search index")
+    index.add_argument("--model", required=True, help="run directory, saved model folder, or arch[:tag]")
+    index.add_argument("--images", required=True, help="folder (recursive), caption table, list file, or shards")
+    index.add_argument("--out", required=True, help="index folder (a killed build continues when run again)")
+    index.add_argument("--batch-size", type=int, default=64)
+    index.add_argument("--workers", type=int, default=None, help="image decoding processes (default: up to 4)")
+    index.add_argument("--add", action="store_true", help="update: encode new and changed images, drop deleted")
+    index.set_defaults(func=_index)
+    search = sub.add_parser("search", help="the images of an index nearest to a text or an image")
+    search.add_argument("--index", required=True, help="index folder written by `cliptune index`")
+    query = search.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="search by this caption")
+    query.add_argument("--image", help="search by this image file")
+    search.add_argument("-k", type=int, default=10, help="how many results")
+    search.add_argument("--json", action="store_true", help="print the hits as JSON")
+    search.set_defaults(func=_search)
+    serve = sub.add_parser("serve", help="a search page and JSON API over an index (and a second one to compare)")
+    serve.add_argument("--index", required=True, help="index folder")
+    serve.add_argument("--compare", default=None, help="a second index shown beside the first (e.g. the base model)")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=_serve)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -67,7 +67,7 @@ def _is_hidden(path: Path, under: Path) -> bool:
     return any(part.startswith(".") for part in path.relative_to(under).parts)
 
 
-def _image_files(folder: Path) -> list[Path]:
+def image_files(folder: Path) -> list[Path]:
     files = (p for p in folder.rglob("*") if p.suffix.lower() in IMAGE_SUFFIXES and not _is_hidden(p, folder))
     return sorted(p for p in files if p.is_file())
 
@@ -83,7 +83,7 @@ def _read_folders(root: Path, override: list[str] | None) -> tuple[list[Path], l
     labels: list[int] = []
     empty = []
     for label, folder in enumerate(folders):
-        files = _image_files(folder)
+        files = image_files(folder)
         if not files:
             empty.append(folder.name)
         paths += files
