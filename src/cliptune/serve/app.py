@@ -239,4 +239,3 @@ async def _http_error(request: Request, exc: Exception) -> JSONResponse:
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("error answering %s %s", request.method, request.url.path)
     return JSONResponse({"error": "internal error; see the server's log"}, status_code=500)
-
