@@ -66,6 +66,10 @@ def test_search_equals_brute_force(models, images, tmp_path):
     by_image = idx.search(image=first.path, k=3)
     assert by_image[0].id == first.id and by_image[0].score == pytest.approx(1.0, abs=1e-5)
     assert idx.search(embedding=idx.embedding(first.id), k=1)[0].id == first.id
+    with pytest.raises(DataError, match="does not exist"):
+        idx.search(image=tmp_path / "nothing.png")
+    with pytest.raises(ValueError, match="exactly one"):
+        idx.search(text="a", embedding=idx.embedding(0))
 
 
 def _run_build(model: Path, images: Path, out: Path, *, slow: bool) -> subprocess.Popen:

@@ -137,6 +137,8 @@ class Index:
             raise ValueError(f"give exactly one of text=, image=, embedding= (got {', '.join(given) or 'none'})")
         if embedding is not None:
             return self._checked_embedding(embedding)
+        if isinstance(image, (str, Path)) and not Path(image).expanduser().is_file():
+            raise DataError(f"{image}: query image does not exist")
         with self._lock:
             if text is not None:
                 return self.encoder.encode_texts([text])[0]
