@@ -1,10 +1,11 @@
-"""cliptune: fine-tune CLIP-style image-text models on your own data. Public API: finetune, load, evaluate, Index."""
+"""cliptune: fine-tune CLIP-style image-text models on your own data. Public API: finetune, load, evaluate, Index,
+export."""
 
 from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["Index", "evaluate", "finetune", "load"]
+__all__ = ["Index", "evaluate", "export", "finetune", "load"]
 __version__ = "0.1.0"
 
 
@@ -14,6 +15,10 @@ def __getattr__(name: str) -> Any:
         from cliptune.index import Index
 
         return Index
+    if name == "export":  # the package cliptune.export, callable: cliptune.export(model, "hf", "out/dir")
+        import cliptune.export
+
+        return cliptune.export
     if name in __all__:
         from cliptune import api
 

@@ -109,10 +109,19 @@ def _models(args: argparse.Namespace) -> int:
 
 
 def _export(args: argparse.Namespace) -> int:
-    from cliptune.tuning.wise import export_alpha
+    from cliptune.export import export
 
-    out = export_alpha(Path(args.model), args.alpha, Path(args.out))
-    print(f"wrote {out}: the run's model at WiSE-FT alpha {args.alpha} (load it with cliptune.load)")
+    report = export(args.model, args.format, args.out, alpha=args.alpha, quantize=args.quantize)
+    print(f"wrote {report['out']} ({args.format}) in {report['seconds']} s")
+    for name, size in report["files"].items():
+        print(f"  {name:<40}{size / 1e6:>10.2f} MB")
+    if "max_abs_diff" in report:
+        print(f"max |difference| of the loaded export's embeddings vs cliptune's: {report['max_abs_diff']:.2e}")
+    if "retrieval_change" in report:
+        print(f"int8 vs fp32: max |embedding difference| {report['int8_max_abs_diff']:.2e}")
+        for metric, change in report["retrieval_change"].items():
+            fp32, int8 = report["retrieval_fp32"][metric], report["retrieval_int8"][metric]
+            print(f"  {metric:<14} fp32 {fp32:6.2f}  int8 {int8:6.2f}  change {change:+.2f}")
     return 0
 
 
@@ -188,10 +197,12 @@ def _parser() -> argparse.ArgumentParser:
 
     sub.add_parser("models", help="list model architectures and pretrained tags").set_defaults(func=_models)
     sub.add_parser("config", help="every config key with its type, default and meaning").set_defaults(func=_config)
-    export = sub.add_parser("export", help="write a run's model, optionally WiSE-FT-interpolated, as a plain model")
-    export.add_argument("--model", required=True, help="run directory")
-    export.add_argument("--out", required=True, help="output folder (model.json + model.safetensors)")
-    export.add_argument("--alpha", type=float, default=1.0, help="0 = the starting weights, 1 = fine-tuned")
+    export = sub.add_parser("export", help="write a model for cliptune, open_clip, transformers or onnxruntime")
+    export.add_argument("--model", required=True, help="run directory, saved model folder, or arch[:tag]")
+    export.add_argument("--format", default="cliptune", choices=["cliptune", "open_clip", "hf", "onnx"])
+    export.add_argument("--out", required=True, help="output folder (replaced as a whole once the export is checked)")
+    export.add_argument("--alpha", type=float, default=None, help="WiSE-FT: 0 = the run's starting weights, 1 = final")
+    export.add_argument("--quantize", choices=["int8"], default=None, help="onnx: also write int8 graphs")
     export.set_defaults(func=_export)
 
     from cliptune.data.shards import add_arguments as shard_arguments

@@ -46,6 +46,11 @@ def _from_run_dir(folder: Path) -> ClipModel:
         return load_model(folder)
     if (folder / "model" / "model.json").is_file():
         return load_model(folder / "model")
+    from cliptune.export import read_export  # exported open_clip / hf folders load back
+
+    exported = read_export(folder)
+    if exported is not None:
+        return exported
     from safetensors.torch import load_file
 
     # An interrupted run has no final model yet: fall back to its newest epoch checkpoint.
@@ -55,7 +60,10 @@ def _from_run_dir(folder: Path) -> ClipModel:
         model = rebuild(json.loads((assets / "model.json").read_text()), assets)
         model.load_state_dict(load_file(str(folder / "checkpoints" / latest.read_text().strip() / "model.safetensors")))
         return model.eval()
-    raise ModelError(f"{folder} is not a run directory or saved model (no model/model.json, no checkpoint)")
+    raise ModelError(
+        f"{folder} is not a run directory, saved model or exported open_clip / hf folder (no model/model.json, "
+        "no checkpoint, no open_clip_config.json or config.json)"
+    )
 
 
 def parse_model_spec(spec: str | dict[str, Any]) -> ModelConfig:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from cliptune.models.errors import ModelError
 
 Tower = Literal["image", "text", "shared"]
 
@@ -25,6 +28,38 @@ def dense_tokens_unsupported(backend: str, why: str) -> NotImplementedError:
     )
 
 
+class ExportUnsupported(ModelError):
+    """A model that the asked-for export format cannot hold; the message says why and which formats can."""
+
+
+def tracing() -> bool:
+    """Whether a graph is being recorded (ONNX export, TorchScript trace, torch.export).
+
+    Shapes must not depend on tensor values then: a backend that trims padding with `int(...)` of a tensor would
+    bake one batch's length into the graph, so it keeps the full length instead (the result is the same).
+    """
+    return bool(torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_exporting())
+
+
+@dataclass
+class OpenClipExport:
+    """What open_clip's hub folder holds: the architecture config, preprocessing, weights and tokenizer files."""
+
+    model_cfg: dict[str, Any]  # open_clip's model config (embed_dim, vision_cfg, text_cfg, quick_gelu, ...)
+    preprocess_cfg: dict[str, Any]  # mean, std, interpolation, resize_mode, size
+    state_dict: dict[str, torch.Tensor]  # keys as open_clip's model has them
+    save_tokenizer: Callable[[Path], None] | None = None  # writes HF tokenizer files, for models whose cfg names one
+
+
+@dataclass
+class HFExport:
+    """A transformers model with its tokenizer and image processor: `save_pretrained` of each writes the folder."""
+
+    model: Any  # transformers PreTrainedModel
+    tokenizer: Any
+    image_processor: Any
+
+
 class ClipModel(nn.Module):
     """A dual encoder: image and text towers into one embedding space, plus a learnable temperature.
 
@@ -35,9 +70,17 @@ class ClipModel(nn.Module):
 
     `encode_image_tokens` / `encode_text_tokens` (dense features for token-level losses such as FSC-CLIP's local
     hard-negative loss) are optional: a backend that cannot give them keeps the default, which raises.
+
+    Export (`cliptune.export`) asks the model itself: `export_formats` lists what it can be written as,
+    `to_open_clip` / `to_hf` give the other library's model (the defaults raise `ExportUnsupported` naming the
+    formats that can), `fold_linear_head` lets a wrapper's linear head become part of the output projection, and
+    `text_attention_mask` / `encode_text_with_mask` / `text_length_free` describe the text input an exported graph
+    takes. ONNX needs nothing else: it traces `encode_image` / `encode_text`.
     """
 
     backend: str = ""
+    # The text tower reads a padding mask (BERT-like): an exported text encoder then takes `attention_mask` too.
+    text_attention_mask: bool = False
     train_transform: Callable[[Any], torch.Tensor]
     eval_transform: Callable[[Any], torch.Tensor]
 
@@ -88,6 +131,63 @@ class ClipModel(nn.Module):
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.encode_image(images), self.encode_text(tokens)
+
+    # --- export hooks (cliptune.export)
+
+    def export_formats(self) -> tuple[str, ...]:
+        """Formats this model can be exported to. Default: cliptune's own, and ONNX (traced from the encoders)."""
+        return ("cliptune", "onnx")
+
+    def cannot_export(self, fmt: str, why: str) -> ExportUnsupported:
+        """The error for a format that cannot hold this model: why, and the formats that can."""
+        return ExportUnsupported(
+            f"cannot export this {self.backend or type(self).__name__} model as {fmt!r}: {why}. "
+            f"It can be exported as: {', '.join(self.export_formats())}"
+        )
+
+    def to_open_clip(self) -> OpenClipExport:
+        """open_clip's config, preprocessing and weights for this model. Default: not an open_clip model."""
+        raise self.cannot_export("open_clip", "only OpenCLIP-backend models are open_clip models")
+
+    def to_hf(self) -> HFExport:
+        """A transformers model, tokenizer and image processor that embed exactly as this model does.
+
+        Default: none (transformers has no class for this architecture).
+        """
+        raise self.cannot_export("hf", f"transformers has no model class for a {self.backend!r} model")
+
+    def hf_tokenizer(self) -> Any:
+        """A transformers tokenizer giving the ids `tokenize` gives (padded to `model_max_length`), written beside
+        exported graphs so that other runtimes tokenise alike. Default: none."""
+        raise self.cannot_export("onnx", f"{type(self).__name__} has no transformers tokenizer to write beside it")
+
+    def linear_head_folds(self) -> bool:
+        """Whether `fold_linear_head` works: each tower ends in a linear projection (open_clip ViT/ResNet, CLIP)."""
+        return False
+
+    def fold_linear_head(self, tower: Tower, weight: torch.Tensor) -> None:
+        """Make the tower's output projection P into `weight @ P`, in place (weight: [D_out, D]).
+
+        A linear head on the *normalised* embedding then needs no module of its own: normalising, applying the
+        head and normalising again points the same way as applying the head and normalising once, since
+        normalisation only divides by a positive number.
+        """
+        raise NotImplementedError(f"{type(self).__name__} has no output projection to fold a linear head into")
+
+    def encode_text_with_mask(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        """`encode_text` with the padding mask given rather than derived from the ids (`text_attention_mask`).
+
+        Default, for towers that read no mask: the mask is not used.
+        """
+        return self.encode_text(tokens, normalize=normalize)
+
+    def text_length_free(self) -> bool:
+        """Whether a caption's embedding is the same whatever length its ids are padded to (causal towers that
+        pool at the end token, towers that mask padding): an exported text encoder then takes any length.
+        Default: no, the ids must have the tokenizer's length."""
+        return False
 
     def tower_parameters(self, tower: Tower) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if self.tower_of(n) == tower}

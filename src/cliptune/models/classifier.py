@@ -155,6 +155,33 @@ class ClassifierModel(ClipModel):
     def save_assets(self, folder: Path) -> None:
         self.base.save_assets(folder)  # the head's weights are in the state dict, the class names in spec()
 
+    # --- export: open_clip and transformers CLIP models have no place for a class head; ONNX adds `logits`
+
+    def _head_refusal(self, fmt: str) -> Exception:
+        why = f"its classification head ({len(self.class_names)} classes) has no place in a {fmt} model"
+        return self.cannot_export(fmt, why)
+
+    def to_open_clip(self) -> Any:
+        raise self._head_refusal("open_clip")
+
+    def to_hf(self) -> Any:
+        raise self._head_refusal("hf")
+
+    def hf_tokenizer(self) -> Any:
+        return self.base.hf_tokenizer()
+
+    @property
+    def text_attention_mask(self) -> bool:  # type: ignore[override]
+        return self.base.text_attention_mask
+
+    def encode_text_with_mask(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        return self.base.encode_text_with_mask(tokens, attention_mask, normalize=normalize)
+
+    def text_length_free(self) -> bool:
+        return self.base.text_length_free()
+
 
 def build(cfg: ModelConfig) -> ClassifierModel:
     raise ModelError(

@@ -8,12 +8,14 @@ Each tower's pooled features go through a new projection head (linear, or Linear
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from cliptune.config import ModelConfig, TowerConfig
@@ -59,6 +61,7 @@ class Layout:
 
 class ComposedClip(TrunkHeadModel):
     backend = "composed"
+    text_attention_mask = True  # the text tower masks padding
 
     def __init__(self, layout: Layout, image: ImageTower, text: TextTower) -> None:
         super().__init__()
@@ -134,6 +137,44 @@ class ComposedClip(TrunkHeadModel):
             "image_extras": dict(self.image_extras),
             "token_length": self.text_tower.length,
         }
+
+    # --- export
+
+    def to_hf(self) -> Any:
+        # VisionTextDualEncoderModel, transformers' class for two separate towers, pools the text tower with its
+        # pooler output (BERT: dense + tanh on [CLS]) and the image tower likewise; this model pools the hidden
+        # states itself and projects with its own heads, so no transformers class embeds as it does.
+        why = (
+            f"transformers' VisionTextDualEncoderModel pools the text tower with its pooler (dense + tanh on the first "
+            f"token), while this model {self.text_tower.pooling}-pools the text tower's hidden states, so the "
+            "embeddings would change"
+        )
+        raise self.cannot_export("hf", why)
+
+    def hf_tokenizer(self) -> Any:
+        tokenizer = copy.deepcopy(self.text_tower.tokenizer)
+        tokenizer.model_max_length = self.text_tower.length
+        return tokenizer
+
+    def encode_text_with_mask(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        x = self.text_head(self.text_tower(tokens, attention_mask))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_length_free(self) -> bool:
+        return True  # padding is masked
+
+    def linear_head_folds(self) -> bool:
+        return True  # both heads end in a Linear
+
+    @torch.no_grad()
+    def fold_linear_head(self, tower: Tower, weight: torch.Tensor) -> None:
+        head = self.image_projection if tower == "image" else self.text_projection
+        last = head if isinstance(head, nn.Linear) else head[-1]
+        last.weight.copy_(weight.to(last.weight) @ last.weight)
+        if last.bias is not None:
+            last.bias.copy_(weight.to(last.bias) @ last.bias)
 
     def save_assets(self, folder: Path) -> None:
         """Text tower config + tokenizer (and an HF image tower's config), so rebuild needs no hub."""

@@ -12,15 +12,17 @@ Saved as `{"backend": "heads", "heads": kind, "base": base.spec()}` with the bas
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower, TrunkHeadModel
+from cliptune.models.base import ClipModel, HFExport, OpenClipExport, Tower, TrunkHeadModel
 from cliptune.models.errors import ModelError
 
 HEAD_KINDS = ("linear", "mlp")
@@ -126,6 +128,47 @@ class HeadedModel(TrunkHeadModel):
 
     def spec(self) -> dict[str, Any]:
         return {"backend": self.backend, "heads": self.kind, "base": self.base.spec()}
+
+    # --- export: a linear head folds into the base's output projection; an MLP head has nowhere to go
+
+    def export_formats(self) -> tuple[str, ...]:
+        if self.kind == "linear" and self.base.linear_head_folds():
+            return self.base.export_formats()
+        return ("cliptune", "onnx")
+
+    def _folded(self, fmt: str) -> ClipModel:
+        """A copy of the base with the linear heads folded into its projections (same embeddings)."""
+        if self.kind != "linear":
+            raise self.cannot_export(fmt, "an MLP head is not linear, so it cannot be folded into the projection")
+        if not self.base.linear_head_folds():
+            getattr(self.base, f"to_{fmt}")()  # the base's own reason, when it cannot be written as fmt at all
+            raise self.cannot_export(fmt, f"the {self.base.backend!r} model has no linear projection to fold into")
+        folded = copy.deepcopy(self.base)
+        for tower in ("image", "text"):
+            folded.fold_linear_head(tower, self.heads[tower].weight.detach())
+        return folded
+
+    def to_open_clip(self) -> OpenClipExport:
+        return self._folded("open_clip").to_open_clip()
+
+    def to_hf(self) -> HFExport:
+        return self._folded("hf").to_hf()
+
+    def hf_tokenizer(self) -> Any:
+        return self.base.hf_tokenizer()
+
+    @property
+    def text_attention_mask(self) -> bool:  # type: ignore[override]
+        return self.base.text_attention_mask
+
+    def encode_text_with_mask(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        x = self.text_head(self.base.encode_text_with_mask(tokens, attention_mask, normalize=True))
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def text_length_free(self) -> bool:
+        return self.base.text_length_free()
 
     def save_assets(self, folder: Path) -> None:
         self.base.save_assets(folder)  # the heads' weights are in the state dict; their layout is in spec()

@@ -7,6 +7,7 @@ an unreachable hub or an unusable folder into a `ModelError` that says what to c
 
 from __future__ import annotations
 
+import copy
 import logging
 import os
 from pathlib import Path
@@ -33,7 +34,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower, dense_tokens_unsupported
+from cliptune.models.base import ClipModel, HFExport, Tower, dense_tokens_unsupported, tracing
 from cliptune.models.errors import ModelError
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class HFClipModel(ClipModel):
         eos = self.eos_positions(tokens)
         # Attention is causal, so columns after every row's EOS cannot change any pooled state: dropping them
         # gives the same embeddings and saves most of the text tower's work on short captions.
-        length = int(eos.max()) + 1
+        length = tokens.shape[1] if tracing() else int(eos.max()) + 1  # a traced graph keeps the input's length
         tokens = tokens[:, :length]
         mask = (torch.arange(length, device=tokens.device)[None, :] <= eos[:, None]).long()
         return self.model.text_model(input_ids=tokens, attention_mask=mask).last_hidden_state, eos
@@ -185,6 +186,34 @@ class HFClipModel(ClipModel):
 
     def spec(self) -> dict[str, Any]:
         return {"backend": self.backend, "arch": self.arch, "model_type": self.model_type}
+
+    # --- export: the model already is a transformers model
+
+    def export_formats(self) -> tuple[str, ...]:
+        return ("cliptune", "hf", "onnx")
+
+    def to_hf(self) -> HFExport:
+        return HFExport(self.model, self.hf_tokenizer(), self.image_processor)
+
+    def hf_tokenizer(self) -> Any:
+        tokenizer = copy.deepcopy(self.tokenizer)
+        tokenizer.model_max_length = self.context_length  # `tokenize` pads to this length
+        return tokenizer
+
+    def text_length_free(self) -> bool:
+        return self.model_type == "clip"  # causal, pooled at the EOS; SigLIP pools the last padded position
+
+    def linear_head_folds(self) -> bool:
+        return self.model_type == "clip"  # SigLIP's image head ends in a residual MLP, not a projection
+
+    @torch.no_grad()
+    def fold_linear_head(self, tower: Tower, weight: torch.Tensor) -> None:
+        if not self.linear_head_folds():
+            super().fold_linear_head(tower, weight)
+        projection = self.model.visual_projection if tower == "image" else self.model.text_projection
+        projection.weight.copy_(weight.to(projection.weight) @ projection.weight)
+        if projection.bias is not None:
+            projection.bias.copy_(weight.to(projection.bias) @ projection.bias)
 
     def save_assets(self, folder: Path) -> None:
         """Write the HF config, tokenizer and preprocessor config to `folder/hf/`: `rebuild` needs nothing else."""

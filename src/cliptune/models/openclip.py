@@ -13,11 +13,12 @@ from typing import Any
 import open_clip
 import torch
 import torch.nn.functional as F
+from open_clip.factory import parse_model_name
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower, dense_tokens_unsupported
+from cliptune.models.base import ClipModel, HFExport, OpenClipExport, Tower, dense_tokens_unsupported, tracing
 from cliptune.models.errors import ModelError
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -85,7 +86,9 @@ class OpenClipModel(ClipModel):
         cost: captions are usually under 25 of the 77 tokens.
         """
         end = tokens.argmax(dim=-1)
-        x = _text_states(self.model, tokens[:, : int(end.max()) + 1])
+        if not tracing():  # a traced graph keeps the input's length (see `tracing`)
+            tokens = tokens[:, : int(end.max()) + 1]
+        x = _text_states(self.model, tokens)
         return _project(x[torch.arange(x.shape[0], device=x.device), end], self.model.text_projection)
 
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -156,6 +159,98 @@ class OpenClipModel(ClipModel):
             "preprocess": dict(self.model.visual.preprocess_cfg),
         }
         return json.loads(json.dumps(spec))  # tuples -> lists: the spec equals what model.json reads back
+
+    # --- export
+
+    def export_formats(self) -> tuple[str, ...]:
+        hf = ("hf",) if self._hf_refusal() is None else ()
+        return ("cliptune", "open_clip", *hf, "onnx")
+
+    def _hf_refusal(self) -> str | None:
+        from cliptune.models.openclip_hf import refusal
+
+        if not hasattr(self._tokenizer, "sot_token_id"):
+            return f"{self.arch!r} uses a Hugging Face tokenizer, not CLIP's BPE"
+        return refusal(self.model)
+
+    def model_cfg(self) -> dict[str, Any]:
+        """open_clip's architecture config of this model, as `open_clip_config.json` stores it."""
+        schema, identifier = parse_model_name(self.arch)
+        if schema == "local-dir":
+            cfg = json.loads((Path(identifier) / "open_clip_config.json").read_text())["model_cfg"]
+        else:
+            cfg = open_clip.get_model_config(identifier)
+        if cfg is None:
+            raise self.cannot_export("open_clip", f"open_clip has no config for {self.arch!r}")
+        if any(isinstance(m, QuickGELU) for m in self.model.modules()):
+            cfg["quick_gelu"] = True  # a tag or model.json may force it on an architecture that defaults to GELU
+        return json.loads(json.dumps(cfg))
+
+    def to_open_clip(self) -> OpenClipExport:
+        preprocess = json.loads(json.dumps(dict(self.model.visual.preprocess_cfg)))
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
+        tokenizer = self._tokenizer
+        save = tokenizer.save_pretrained if callable(getattr(tokenizer, "save_pretrained", None)) else None
+        return OpenClipExport(self.model_cfg(), preprocess, state, save)
+
+    def to_hf(self) -> HFExport:
+        from cliptune.models.openclip_hf import clip_image_processor, clip_model
+
+        why = self._hf_refusal()
+        if why is not None:
+            raise self.cannot_export("hf", f"transformers' CLIPModel cannot hold {self.arch!r}: {why}")
+        preprocess = dict(self.model.visual.preprocess_cfg)
+        return HFExport(clip_model(self.model, self.model_cfg()), self.hf_tokenizer(), clip_image_processor(preprocess))
+
+    def hf_tokenizer(self) -> Any:
+        from cliptune.models.openclip_hf import clip_tokenizer
+
+        inner = getattr(self._tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
+        if not hasattr(self._tokenizer, "sot_token_id") and inner is not None:
+            inner.model_max_length = self._tokenizer.context_length
+            return inner
+        settings = self.model_cfg()["text_cfg"].get("tokenizer_kwargs", {})
+        if any(v != "lower" for v in settings.values()) or set(settings) - {"clean"}:
+            why = f"its tokenizer settings {settings} (CLIP's tokenizer lower-cases and nothing else)"
+            raise self.cannot_export("onnx", f"no transformers tokenizer reproduces {self.arch!r}'s: {why}")
+        return clip_tokenizer(self._tokenizer.context_length)
+
+    def text_length_free(self) -> bool:
+        return self._trims_text()
+
+    def linear_head_folds(self) -> bool:
+        visual, projection = self.model.visual, getattr(self.model, "text_projection", None)
+        image = getattr(visual, "proj", None) is not None or isinstance(getattr(visual, "attnpool", None), nn.Module)
+        return image and isinstance(projection, (nn.Parameter, nn.Linear))
+
+    @torch.no_grad()
+    def fold_linear_head(self, tower: Tower, weight: torch.Tensor) -> None:
+        if tower == "text":
+            _fold(self.model, "text_projection", weight)
+        elif getattr(self.model.visual, "proj", None) is not None:  # ViT: x @ proj
+            _fold(self.model.visual, "proj", weight)
+        else:  # ModifiedResNet: the attention pool's output Linear is the projection
+            _fold(self.model.visual.attnpool, "c_proj", weight)
+
+
+def _fold(owner: nn.Module, name: str, weight: torch.Tensor) -> None:
+    """owner.name (a [W, D] matrix used as x @ P, or a Linear) followed by x -> x @ weight.T, as one projection."""
+    projection = getattr(owner, name)
+    weight = weight.to(device=_device(projection), dtype=_dtype(projection))
+    if isinstance(projection, nn.Linear):
+        projection.weight.copy_(weight @ projection.weight)
+        if projection.bias is not None:
+            projection.bias.copy_(weight @ projection.bias)
+        return
+    owner._parameters[name] = nn.Parameter(projection @ weight.T, requires_grad=projection.requires_grad)
+
+
+def _device(p: nn.Module | torch.Tensor) -> torch.device:
+    return p.weight.device if isinstance(p, nn.Linear) else p.device
+
+
+def _dtype(p: nn.Module | torch.Tensor) -> torch.dtype:
+    return p.weight.dtype if isinstance(p, nn.Linear) else p.dtype
 
 
 def _check_arch(arch: str) -> None:

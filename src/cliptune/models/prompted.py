@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ClipModel, Tower, tracing
 from cliptune.models.errors import ModelError
 
 INIT_STD = 0.02  # prompt vectors start as N(0, 0.02^2), as in ITRA / CoOp
@@ -92,8 +92,11 @@ class TextPath:
     def tokenize(self, base: Any, texts: list[str], length: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def features(self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
-        """Unnormalised text embeddings of `tokens` with `prompt` inserted."""
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Unnormalised text embeddings of `tokens` with `prompt` inserted; `mask`: the padding mask of towers
+        that read one (composed), when it is given rather than derived from the ids."""
         raise NotImplementedError
 
 
@@ -142,7 +145,9 @@ class OpenClipText(TextPath):
             return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
         return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
 
-    def features(self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         tower = _openclip_tower(base)
         cast = tower.transformer.get_cast_dtype()
         x = _insert(tower.token_embedding(tokens).to(cast), prompt.to(cast), self.at)
@@ -174,14 +179,17 @@ class HFText(TextPath):
     def tokenize(self, base: Any, texts: list[str], length: int) -> torch.Tensor:
         return _hf_tokenize(base.tokenizer, texts, length)
 
-    def features(self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         text = base.model.text_model
         x = _insert(text.embeddings.token_embedding(tokens), prompt, self.at)
         n = prompt.shape[0]
         if self.causal:
             index = _shift(base.eos_positions(tokens), self.at, n)
             # Causal attention: positions after every row's EOS change no pooled state, so they are dropped.
-            x = x[:, : int(index.max()) + 1]
+            if not tracing():  # a traced graph keeps the input's length
+                x = x[:, : int(index.max()) + 1]
             length = x.shape[1]
             blocked = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
             mask = torch.zeros(length, length, dtype=x.dtype, device=x.device)
@@ -213,13 +221,15 @@ class ComposedText(TextPath):
     def tokenize(self, base: Any, texts: list[str], length: int) -> torch.Tensor:
         return _hf_tokenize(base.text_tower.tokenizer, texts, length)
 
-    def features(self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor) -> torch.Tensor:
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
         from cliptune.models.towers import POOLING
 
         tower = base.text_tower
         n = prompt.shape[0]
         x = _insert(tower.model.get_input_embeddings()(tokens), prompt, self.at)
-        caption = tokens != tower.pad_id
+        caption = tokens != tower.pad_id if mask is None else mask.bool()
         ones = torch.ones(tokens.shape[0], n, dtype=torch.bool, device=tokens.device)
         mask = torch.cat([caption[:, : self.at], ones, caption[:, self.at :]], dim=1)  # the prompts are attended
         hidden = tower.model(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
@@ -305,6 +315,39 @@ class PromptedModel(ClipModel):
 
     def spec(self) -> dict[str, Any]:
         return {"backend": self.backend, "n": self.n, "base": self.base.spec()}
+
+    # --- export: the prompt vectors are input embeddings, which only traced graphs (ONNX) can hold
+
+    def _prompt_refusal(self, fmt: str) -> Exception:
+        why = (
+            f"prompt tuning inserts {self.n} learned vectors into the text tower's input embeddings, and a {fmt} "
+            "model reads token ids only"
+        )
+        return self.cannot_export(fmt, why)
+
+    def to_open_clip(self) -> Any:
+        raise self._prompt_refusal("open_clip")
+
+    def to_hf(self) -> Any:
+        raise self._prompt_refusal("hf")
+
+    def hf_tokenizer(self) -> Any:
+        tokenizer = self.base.hf_tokenizer()
+        tokenizer.model_max_length = self.context_length - self.n  # room for the prompts
+        return tokenizer
+
+    @property
+    def text_attention_mask(self) -> bool:  # type: ignore[override]
+        return self.base.text_attention_mask
+
+    def encode_text_with_mask(
+        self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
+    ) -> torch.Tensor:
+        features = self.path.features(self.base, tokens, self.prompt, attention_mask)
+        return F.normalize(features, dim=-1) if normalize else features
+
+    def text_length_free(self) -> bool:
+        return self.base.text_length_free()
 
     def save_assets(self, folder: Path) -> None:
         self.base.save_assets(folder)

@@ -98,9 +98,10 @@ class TextTower(nn.Module):
         )
         return enc["input_ids"]
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        # The mask is rebuilt from the ids because only the ids travel through the data loader.
-        mask = tokens != self.pad_id
+    def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        # The mask is rebuilt from the ids because only the ids travel through the data loader; an exported graph
+        # takes the tokenizer's own `attention_mask` instead.
+        mask = tokens != self.pad_id if mask is None else mask.bool()
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         return POOLING[self.pooling](hidden, mask)
 

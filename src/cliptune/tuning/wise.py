@@ -208,6 +208,11 @@ def _cell(results: dict[float, Results], alpha: float, name: str) -> float | Non
 
 def export_alpha(run_dir: str | Path, alpha: float, out_dir: str | Path) -> Path:
     """Save the run's model at `alpha` as an ordinary model folder that `cliptune.load(out_dir)` reads."""
+    return save_model(interpolated_model(run_dir, alpha), out_dir)
+
+
+def interpolated_model(run_dir: str | Path, alpha: float) -> ClipModel:
+    """The run's final model (EMA weights, LoRA merged, as training saved it) at WiSE-FT `alpha`."""
     alpha = check_alpha(alpha)
     run_dir = Path(run_dir)
     initial_path = run_dir / INITIAL_FILE
@@ -220,4 +225,4 @@ def export_alpha(run_dir: str | Path, alpha: float, out_dir: str | Path) -> Path
         raise ValueError(f"{run_dir} has no final model (model/): the run was interrupted; finish it with --resume")
     model = load_model(run_dir / "model")
     _assign(model, interpolate(load_initial(initial_path), model.state_dict(), alpha))
-    return save_model(model, out_dir)
+    return model
