@@ -16,6 +16,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cliptune.export import hf, native, onnx, open_clip_dir
 from cliptune.models import ClipModel
 from cliptune.utils.files import atomic_dir
@@ -36,7 +38,7 @@ _EXPORT_MARKERS = ("model.json", open_clip_dir.CONFIG_FILE, "config.json", onnx.
 
 def export(
     model: ClipModel | str | Path,
-    format: str = "cliptune",  # noqa: A002 - the name the CLI flag and the docs use
+    format: str = "cliptune",
     out: str | Path = "export",
     alpha: float | None = None,
     quantize: str | None = None,
@@ -55,9 +57,13 @@ def export(
     _check_target(out)
     prepared = _prepare(_resolve(model, alpha))
     started = time.perf_counter()
-    # Not under no_grad: torch then swaps MultiheadAttention for a fused kernel that ONNX has no operator for.
-    with atomic_dir(out) as tmp:
-        report = FORMATS[format](prepared, tmp, quantize=quantize)
+    was_training = prepared.training
+    try:
+        # Not under no_grad: torch then swaps MultiheadAttention for a fused kernel that ONNX has no operator for.
+        with atomic_dir(out) as tmp:
+            report = FORMATS[format](prepared.eval(), tmp, quantize=quantize)
+    finally:
+        prepared.train(was_training)
     files = {p.name: p.stat().st_size for p in sorted(out.rglob("*")) if p.is_file()}
     seconds = round(time.perf_counter() - started, 2)
     return {"format": format, "out": str(out), "seconds": seconds, "files": files, **report}
@@ -79,10 +85,18 @@ def _resolve(model: ClipModel | str | Path, alpha: float | None) -> ClipModel:
 
 
 def _prepare(model: ClipModel) -> ClipModel:
-    """An fp32 CPU copy in eval mode with LoRA adapters merged: exactly the weights the model embeds with."""
+    """The model on CPU in fp32 with LoRA adapters merged: exactly the weights it embeds with.
+
+    A model that is already so is used as it is (deep-copying one also copies its tokenizer's tables: seconds);
+    otherwise a copy is changed, never the caller's model.
+    """
     from cliptune.tuning.lora import has_lora, merge_lora
 
-    model = copy.deepcopy(model).float().cpu().eval()
+    tensors = [*model.parameters(), *model.buffers()]
+    plain = all(t.device.type == "cpu" and (t.dtype == torch.float32 or not t.is_floating_point()) for t in tensors)
+    if plain and not has_lora(model):
+        return model
+    model = copy.deepcopy(model).float().cpu()
     return merge_lora(model) if has_lora(model) else model
 
 

@@ -58,13 +58,15 @@ class TextEncoder(nn.Module):
 def write(model: ClipModel, folder: Path, quantize: str | None = None, **_: Any) -> dict[str, Any]:
     tokenizer = model.hf_tokenizer()  # first: a model without one fails before anything is traced
     preprocess = describe(model.eval_transform)
-    images = sample_images(model, 2)
-    text = _text_inputs(model, tokenizer, CAPTIONS[:2])
     image_outputs = ["embeddings", "logits"] if callable(getattr(model, "classify", None)) else ["embeddings"]
-    _trace(ImageEncoder(model), (images,), folder / IMAGE_FILE, ["pixel_values"], image_outputs, {"pixel_values": 0})
-    lengths = {name: 0 for name in text}
-    text_axes = {name: ([0, 1] if model.text_length_free() else [0]) for name in lengths}
-    _trace(TextEncoder(model), tuple(text.values()), folder / TEXT_FILE, list(text), ["embeddings"], text_axes)
+    image_axes = {"pixel_values": [0], **{name: [0] for name in image_outputs}}
+    _trace(ImageEncoder(model), (sample_images(model, 2),), folder / IMAGE_FILE, image_axes)
+    text = _text_inputs(model, tokenizer, CAPTIONS[:2])
+    dynamic_length = model.text_length_free() and _trace_any_length(model, tokenizer, text, folder / TEXT_FILE)
+    if not dynamic_length:
+        _trace(
+            TextEncoder(model), tuple(text.values()), folder / TEXT_FILE, {**{k: [0] for k in text}, "embeddings": [0]}
+        )
     tokenizer.save_pretrained(folder)
     settings = {
         "image": {"input": "pixel_values", "outputs": image_outputs, **preprocess},
@@ -72,11 +74,11 @@ def write(model: ClipModel, folder: Path, quantize: str | None = None, **_: Any)
             "inputs": list(text),
             "context_length": int(tokenizer.model_max_length),
             "padding": "max_length",
-            "dynamic_length": model.text_length_free(),
+            "dynamic_length": dynamic_length,
         },
         "embeddings": "L2-normalised",
     }
-    report = {"max_abs_diff": check(model, tokenizer, folder)}
+    report = {"max_abs_diff": check(model, tokenizer, folder), "dynamic_length": dynamic_length}
     if quantize is not None:
         from cliptune.export.quantize import quantize_folder
 
@@ -84,6 +86,26 @@ def write(model: ClipModel, folder: Path, quantize: str | None = None, **_: Any)
         settings["quantized"] = {"type": quantize, "files": report["quantized_files"]}
     (folder / PREPROCESS_FILE).write_text(json.dumps(settings, indent=2))
     return report
+
+
+def _trace_any_length(model: ClipModel, tokenizer: Any, text: dict[str, torch.Tensor], path: Path) -> bool:
+    """Trace the text encoder with a dynamic length; keep it only if shorter ids really embed the same.
+
+    A tower may allow any length while its trace does not (open_clip's attention reshapes with the traced
+    length baked in): onnxruntime then fails or differs on shorter ids, and the caller traces a fixed length.
+    """
+    axes = {**{name: [0, 1] for name in text}, "embeddings": [0]}
+    _trace(TextEncoder(model), tuple(text.values()), path, axes)
+    shorter = _text_inputs(model, tokenizer, CAPTIONS[2:4])
+    length = int(shorter["input_ids"].shape[1]) // 2
+    feed = {k: v[:, :length].numpy() for k, v in shorter.items()}
+    try:
+        got = encode(session(path), feed)
+    except Exception:  # onnxruntime's shape errors have no public class: any failure means "not dynamic"
+        return False
+    with torch.no_grad():
+        want = model.encode_text(shorter["input_ids"]).numpy()
+    return bool(np.abs(got - want).max() <= TOLERANCE)
 
 
 def _text_inputs(model: ClipModel, tokenizer: Any, texts: list[str]) -> dict[str, torch.Tensor]:
@@ -95,31 +117,31 @@ def _text_inputs(model: ClipModel, tokenizer: Any, texts: list[str]) -> dict[str
     return {"input_ids": ids, "attention_mask": mask.to(ids.dtype)}
 
 
-def _trace(
-    module: nn.Module,
-    args: tuple[torch.Tensor, ...],
-    path: Path,
-    inputs: list[str],
-    outputs: list[str],
-    axes: dict[str, int | list[int]],
-) -> None:
+def _trace(module: nn.Module, args: tuple[torch.Tensor, ...], path: Path, axes: dict[str, list[int]]) -> None:
+    """Trace `module` to `path`; `axes` names every input then output with its dynamic dimensions."""
     names = {0: "batch", 1: "length"}
-    dynamic = {name: {a: names[a] for a in ([dims] if isinstance(dims, int) else dims)} for name, dims in axes.items()}
-    dynamic |= {name: {0: "batch"} for name in outputs}
+    dynamic = {name: {a: names[a] for a in dims} for name, dims in axes.items()}
+    inputs = list(axes)[: len(args)]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated in favour of dynamo (see the module doc) and warns about traced
         # Python values (shapes) that the graph keeps dynamic anyway: neither is actionable here.
         warnings.simplefilter("ignore")
-        torch.onnx.export(
-            module.eval(),
-            args,
-            str(path),
-            input_names=inputs,
-            output_names=outputs,
-            dynamic_axes=dynamic,
-            opset_version=OPSET,
-            dynamo=False,
-        )
+        # A frozen nn.MultiheadAttention (locked tower, LoRA base) runs a fused kernel ONNX has no operator for.
+        torch.backends.mha.set_fastpath_enabled(False)
+        try:
+            torch.onnx.export(
+                module.eval(),
+                args,
+                str(path),
+                input_names=inputs,
+                output_names=list(axes)[len(args) :],
+                dynamic_axes=dynamic,
+                opset_version=OPSET,
+                dynamo=False,
+            )
+        finally:
+            torch.backends.mha.set_fastpath_enabled(fastpath)
 
 
 def encode(session: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -136,7 +158,9 @@ def session(path: Path) -> Any:
 
 
 @torch.no_grad()
-def check(model: ClipModel, tokenizer: Any, folder: Path, image_file: str = IMAGE_FILE, text_file: str = TEXT_FILE) -> float:
+def check(
+    model: ClipModel, tokenizer: Any, folder: Path, image_file: str = IMAGE_FILE, text_file: str = TEXT_FILE
+) -> float:
     """Largest |onnxruntime - torch| over the embeddings of batches of 1 and 7 images and captions."""
     images, text = session(folder / image_file), session(folder / text_file)
     captions = (CAPTIONS * 2)[: max(CHECK_BATCHES)]

@@ -38,8 +38,13 @@ def quantize_folder(model: ClipModel, tokenizer: Any, folder: Path, kind: str) -
     int8 = _retrieval(model, tokenizer, folder, *files)
     change = {k: round(int8[k] - fp32[k], 2) for k in fp32 if k != "embeddings"}
     diff = max(float(np.abs(a - b).max()) for a, b in zip(fp32.pop("embeddings"), int8.pop("embeddings")))
-    return {"quantized_files": files, "retrieval_fp32": fp32, "retrieval_int8": int8, "retrieval_change": change,
-            "int8_max_abs_diff": diff}
+    return {
+        "quantized_files": files,
+        "retrieval_fp32": fp32,
+        "retrieval_int8": int8,
+        "retrieval_change": change,
+        "int8_max_abs_diff": diff,
+    }
 
 
 def _retrieval(model: ClipModel, tokenizer: Any, folder: Path, image_file: str, text_file: str) -> dict[str, Any]:

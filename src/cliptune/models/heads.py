@@ -12,7 +12,8 @@ Saved as `{"backend": "heads", "heads": kind, "base": base.spec()}` with the bas
 
 from __future__ import annotations
 
-import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -136,23 +137,33 @@ class HeadedModel(TrunkHeadModel):
             return self.base.export_formats()
         return ("cliptune", "onnx")
 
-    def _folded(self, fmt: str) -> ClipModel:
-        """A copy of the base with the linear heads folded into its projections (same embeddings)."""
+    @contextmanager
+    def _folded(self, fmt: str) -> Iterator[ClipModel]:
+        """The base with the linear heads folded into its projections (same embeddings), restored on exit.
+
+        Folded in place and put back rather than deep-copied: a copy would duplicate the tokenizer's tables too
+        (2 s for open_clip's BPE), and the exports copy the weights they keep anyway.
+        """
         if self.kind != "linear":
             raise self.cannot_export(fmt, "an MLP head is not linear, so it cannot be folded into the projection")
         if not self.base.linear_head_folds():
             getattr(self.base, f"to_{fmt}")()  # the base's own reason, when it cannot be written as fmt at all
             raise self.cannot_export(fmt, f"the {self.base.backend!r} model has no linear projection to fold into")
-        folded = copy.deepcopy(self.base)
-        for tower in ("image", "text"):
-            folded.fold_linear_head(tower, self.heads[tower].weight.detach())
-        return folded
+        saved = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
+        try:
+            for tower in ("image", "text"):
+                self.base.fold_linear_head(tower, self.heads[tower].weight.detach())
+            yield self.base
+        finally:
+            self.base.load_state_dict(saved)
 
     def to_open_clip(self) -> OpenClipExport:
-        return self._folded("open_clip").to_open_clip()
+        with self._folded("open_clip") as base:
+            return base.to_open_clip()
 
     def to_hf(self) -> HFExport:
-        return self._folded("hf").to_hf()
+        with self._folded("hf") as base:
+            return base.to_hf()
 
     def hf_tokenizer(self) -> Any:
         return self.base.hf_tokenizer()

@@ -193,7 +193,8 @@ class HFClipModel(ClipModel):
         return ("cliptune", "hf", "onnx")
 
     def to_hf(self) -> HFExport:
-        return HFExport(self.model, self.hf_tokenizer(), self.image_processor)
+        # A copy: a wrapper may fold a head into this model only for the time it takes to call this
+        return HFExport(copy.deepcopy(self.model), self.hf_tokenizer(), self.image_processor)
 
     def hf_tokenizer(self) -> Any:
         tokenizer = copy.deepcopy(self.tokenizer)

@@ -242,7 +242,7 @@ def _fold(owner: nn.Module, name: str, weight: torch.Tensor) -> None:
         if projection.bias is not None:
             projection.bias.copy_(weight @ projection.bias)
         return
-    owner._parameters[name] = nn.Parameter(projection @ weight.T, requires_grad=projection.requires_grad)
+    projection.copy_(projection @ weight.T)  # a head is D -> D: the shape stays
 
 
 def _device(p: nn.Module | torch.Tensor) -> torch.device:

@@ -28,7 +28,7 @@ from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from open_clip.transformer import QuickGELU, VisionTransformer
 from tokenizers import Regex, normalizers
 from torch import nn
-from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer
+from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPTokenizer, PreTrainedTokenizerFast
 
 # PIL resampling codes, as preprocessor_config.json stores interpolation.
 PIL_RESAMPLE = {"nearest": 0, "lanczos": 1, "bilinear": 2, "bicubic": 3}
@@ -63,7 +63,8 @@ def refusal(model: nn.Module) -> str | None:
 
 def _has_extras(model: nn.Module) -> bool:
     blocks = [*model.visual.transformer.resblocks, *model.transformer.resblocks]
-    return any(not isinstance(getattr(b, name, nn.Identity()), nn.Identity) for b in blocks for name in ("ls_1", "ls_2"))
+    scales = (getattr(block, name, nn.Identity()) for block in blocks for name in ("ls_1", "ls_2"))
+    return any(not isinstance(scale, nn.Identity) for scale in scales)
 
 
 def clip_config(model: nn.Module, model_cfg: dict[str, Any]) -> CLIPConfig:
@@ -170,7 +171,7 @@ def _ftfy_rules() -> list[normalizers.Normalizer]:
     return [normalizers.Replace(k, v) for k, v in sorted(rules.items(), key=lambda kv: -len(kv[0]))]
 
 
-def clip_tokenizer(context_length: int) -> CLIPTokenizer:
+def clip_tokenizer(context_length: int) -> PreTrainedTokenizerFast:
     """OpenAI's BPE tokenizer from open_clip's own vocabulary file (no download), normalising like open_clip.
 
     open_clip cleans a caption with ftfy and `html.unescape` before lower-casing and collapsing whitespace; CLIP's
@@ -183,17 +184,14 @@ def clip_tokenizer(context_length: int) -> CLIPTokenizer:
     merges = [tuple(line.split()) for line in lines]
     chars = list(bytes_to_unicode().values())
     vocab = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + [SOT, EOT]
-    tokenizer = CLIPTokenizer(
-        vocab={v: i for i, v in enumerate(vocab)},
-        merges=merges,
-        model_max_length=context_length,
-        pad_token=EOT,
-    )
-    backend = tokenizer.backend_tokenizer
+    clip = CLIPTokenizer(vocab={v: i for i, v in enumerate(vocab)}, merges=merges, pad_token=EOT)
+    backend = clip.backend_tokenizer
     backend.normalizer = normalizers.Sequence(
         [normalizers.NFC(), *_ftfy_rules(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()]
     )
-    return tokenizer
+    # Saved as a generic fast tokenizer: CLIPTokenizer rebuilds its own normaliser on loading, dropping the rules.
+    specials = {"bos_token": SOT, "eos_token": EOT, "pad_token": EOT, "unk_token": EOT}
+    return PreTrainedTokenizerFast(tokenizer_object=backend, model_max_length=context_length, **specials)
 
 
 def clip_image_processor(preprocess: dict[str, Any]) -> CLIPImageProcessor:
