@@ -16,9 +16,9 @@ from cliptune.config import FinetuneConfig, ModelConfig, OptimConfig
 from cliptune.data import LabelledImages, load_rgb
 from cliptune.eval.encode import Encoding
 from cliptune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
-from cliptune.models import BACKENDS, ClipModel, ModelError, build_model, load_model, save_model
+from cliptune.models import ClipModel, ModelError, build_model, load_model, save_model
 from cliptune.models.base import Tower
-from cliptune.models.classifier import ClassifierModel, build, rebuild
+from cliptune.models.classifier import ClassifierModel
 from cliptune.models.io import SPEC_FILE
 from cliptune.tuning.locking import apply_locking
 from cliptune.tuning.param_groups import param_groups
@@ -43,12 +43,6 @@ def image_files(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
         files.append(folder / f"{i}.png")
         Image.new("RGB", (40, 40), colour).save(files[-1])
     return files
-
-
-@pytest.fixture(autouse=True)
-def registered(monkeypatch: pytest.MonkeyPatch) -> None:
-    """load_model finds wrappers through the backend table; register this one as models/__init__.py will."""
-    monkeypatch.setitem(BACKENDS, "classifier", BACKENDS["heads"]._replace(build=build, rebuild=rebuild))
 
 
 def pixels(model: ClipModel, files: list[Path]) -> torch.Tensor:
@@ -168,7 +162,7 @@ def test_wrong_heads_are_clear_errors(base) -> None:
     with pytest.raises(ModelError, match="size 64 but the class weights 32"):
         model.classify(torch.zeros(1, 3, 32, 32))
     with pytest.raises(ModelError, match="not a model family"):
-        build(ModelConfig())
+        build_model(ModelConfig(backend="classifier"))
 
 
 def test_dense_token_features_are_the_bases(base, image_files) -> None:

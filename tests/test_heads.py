@@ -12,7 +12,7 @@ from PIL import Image
 from cliptune.config import FinetuneConfig, ModelConfig
 from cliptune.eval.encode import Encoding, can_cache
 from cliptune.losses import clip_loss
-from cliptune.models import BACKENDS, ClipModel, ModelError, build_model, load_model, rebuild, save_model
+from cliptune.models import ClipModel, ModelError, build_model, load_model, rebuild, save_model
 from cliptune.models.heads import HeadedModel, add_heads
 from cliptune.tuning.locking import apply_locking, set_train_mode
 from tests.helpers import CAPTIONS
@@ -146,7 +146,7 @@ def test_unknown_kinds_and_building_from_a_config_are_clear_errors(bases) -> Non
     with pytest.raises(ModelError, match=r"finetune\.heads: 'deep' is unknown; choose one of linear, mlp"):
         add_heads(bases["openclip-vit"], "deep")
     with pytest.raises(ModelError, match=r"finetune\.heads"):
-        BACKENDS["heads"].build(ModelConfig())
+        build_model(ModelConfig(backend="heads"))
 
 
 def test_rebuild_from_spec_without_a_folder_for_openclip(bases) -> None:

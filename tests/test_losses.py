@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from cliptune.losses import LOSSES, clip_loss
+from cliptune.losses import OBJECTIVES, clip_loss
 
 
 @pytest.mark.parametrize("log_scale", [0.0, math.log(1 / 0.07), math.log(100.0), 6.0])
@@ -45,4 +45,4 @@ def test_clamp_stops_the_temperature_gradient_above_100():
 def test_perfect_alignment_gives_low_loss_and_the_name_table():
     eye = torch.eye(5)
     assert clip_loss(eye, eye, torch.tensor(math.log(100.0))).item() < 1e-3
-    assert LOSSES["clip"] is clip_loss
+    assert OBJECTIVES["clip"].uses_text and not OBJECTIVES["clip"].negatives

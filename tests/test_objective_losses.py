@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
+from cliptune.data.datasets import caption_groups
 from cliptune.losses import clip_loss
 from cliptune.losses.fsc import (
     FOCAL_GAMMA,
@@ -25,7 +26,7 @@ from cliptune.losses.fsc import (
 )
 from cliptune.losses.negclip import negclip_loss
 from cliptune.losses.siglip import siglip_loss
-from cliptune.losses.unicl import caption_groups, unicl_loss
+from cliptune.losses.unicl import unicl_loss
 
 B, D, N, P, L = 5, 4, 3, 4, 5
 CLIP_TEMPERATURE = math.log(1 / 0.07)

@@ -12,8 +12,8 @@ from torch import nn
 from cliptune.config import ModelConfig, OptimConfig, TowerConfig
 from cliptune.models import build_model
 from cliptune.models.base import ClipModel, Tower
-from cliptune.train import optim
-from cliptune.tuning.param_groups import describe_groups, layer_id, param_groups
+from cliptune.models.wrapper import WrappedModel
+from cliptune.tuning.param_groups import describe_groups, layer_id, no_decay, param_groups
 from tests.helpers import tiny_config
 
 LD = 0.5
@@ -219,7 +219,7 @@ def test_no_decay_matches_the_plain_split(models, name: str) -> None:
     cfg = OptimConfig(lr=3e-4, weight_decay=0.2)
     # the rule without layer decay: one lr, and weight decay unless the CLIP no-decay rule exempts the parameter
     plain = {
-        id(p): (cfg.lr, 0.0 if optim._no_decay(n, p) else cfg.weight_decay)
+        id(p): (cfg.lr, 0.0 if no_decay(n, p) else cfg.weight_decay)
         for n, p in model.named_parameters()
         if p.requires_grad
     }
@@ -267,15 +267,8 @@ def test_every_trainable_parameter_in_exactly_one_group(models, name: str) -> No
 # Wrappers, added parameters, unknown architectures
 
 
-class _Wrapped(ClipModel):
+class _Wrapped(WrappedModel):
     """A wrapper like the trainer's (heads, prompts): every name of the base gains a `base.` prefix."""
-
-    def __init__(self, base: ClipModel) -> None:
-        super().__init__()
-        self.base = base
-
-    def tower_of(self, param_name: str) -> Tower:
-        return self.base.tower_of(param_name.removeprefix("base."))
 
 
 def test_stem_decays_whatever_the_wrapper_prefix(backends) -> None:

@@ -13,7 +13,7 @@ from torch import nn
 from cliptune.config import ModelConfig
 from cliptune.losses import clip_loss
 from cliptune.models import ModelError, build_model, load_model, save_model
-from cliptune.models.prompted import PromptedModel, add_prompts, build
+from cliptune.models.prompted import PromptedModel, add_prompts
 
 N = 3
 CUSTOM_ARCH = "cliptune-test-custom-text"  # open_clip CustomTextCLIP: its TextTransformer lives on `model.text`
@@ -257,4 +257,4 @@ def test_what_cannot_be_prompted_is_refused(built):
     with pytest.raises(ModelError, match="'none'"):
         add_prompts(base, 2)
     with pytest.raises(ModelError, match=r"finetune\.prompt_tokens"):
-        build(ModelConfig(backend="prompted"))
+        build_model(ModelConfig(backend="prompted"))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import random
 from collections.abc import Callable, Sequence
@@ -14,7 +15,6 @@ from torch.utils.data import Dataset
 from cliptune.data.errors import DataError
 from cliptune.data.images import load_rgb
 from cliptune.data.tables import CaptionTable
-from cliptune.losses.unicl import caption_groups
 
 logger = logging.getLogger("cliptune.data")
 
@@ -23,6 +23,21 @@ Tokenize = Callable[[list[str]], torch.Tensor]
 Sample = tuple[torch.Tensor, ...]
 # (caption, seed) -> hard-negative captions of it (cliptune.data.negatives.NegativeGenerator.negatives, or a lookup).
 NegativeSource = Callable[[str, str], list[str]]
+
+
+def caption_groups(captions: list[str]) -> torch.Tensor:
+    """Group ids (int64, shape (len(captions),)) equal exactly for captions identical up to case and whitespace.
+
+    The id is a hash of the normalised caption (stripped, runs of whitespace made one space, casefolded), not a
+    position in this list, so that identical captions get the same id on every rank and in every batch: the groups
+    of a distributed batch are then right without any exchange of strings. Two different captions share an id with
+    probability about 2^-64 per pair.
+    """
+    ids = []
+    for caption in captions:
+        key = " ".join(caption.split()).casefold().encode()
+        ids.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True))
+    return torch.tensor(ids, dtype=torch.long)
 
 
 def caption_index(seed: int, epoch: int, key: int | str, count: int) -> int:

@@ -7,6 +7,7 @@ input every time, so each image or caption goes through it once per run, not onc
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -35,7 +36,7 @@ def model_device(model: ClipModel) -> torch.device:
 
 def can_cache(model: ClipModel, tower: Tower) -> bool:
     """A tower's output can be cached when the backend splits it from its (trainable) projection head."""
-    return hasattr(model, f"{tower}_trunk") and hasattr(model, f"{tower}_head")
+    return model.has_trunk(tower)
 
 
 class Encoding:
@@ -90,7 +91,7 @@ class Encoding:
         first = dict(zip(keys, items))
         missing = [k for k in first if k not in memo]
         if missing:
-            fn = getattr(self.model, f"{tower}_trunk")
+            fn = functools.partial(self.model.trunk, tower)
             todo = [first[k] for k in missing]
             batches = self._image_batches(todo) if tower == "image" else self._text_batches(todo)
             memo.update(zip(missing, self._run(fn, batches, f"encoding {tower}s (locked tower, once)")))
@@ -102,7 +103,7 @@ class Encoding:
         if not items:
             return torch.empty(0, 0)
         if tower in self.cached and not any(isinstance(i, Image.Image) for i in items):
-            head = getattr(self.model, f"{tower}_head")
+            head = functools.partial(self.model.head, tower)
             features = self._run(head, [self.trunk_features(tower, items)], desc=None)
         elif tower == "image":
             features = self._run(self.model.encode_image, self._image_batches(items), "encoding images")

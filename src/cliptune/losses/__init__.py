@@ -1,16 +1,8 @@
-"""Training objectives, chosen by name in the config (`loss.name`)."""
+"""Training objectives, chosen by name in the config (`loss.name`): the `OBJECTIVES` table and its losses."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-import torch
-
 from cliptune.losses.clip import MAX_LOGIT_SCALE, clip_loss
+from cliptune.losses.objective import OBJECTIVES, ObjectiveSpec
 
-LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-
-# loss.name -> loss(image_features, text_features, logit_scale)
-LOSSES: dict[str, LossFn] = {"clip": clip_loss}
-
-__all__ = ["LOSSES", "MAX_LOGIT_SCALE", "LossFn", "clip_loss"]
+__all__ = ["MAX_LOGIT_SCALE", "OBJECTIVES", "ObjectiveSpec", "clip_loss"]

@@ -1,4 +1,10 @@
-"""`loss.name` as a module: which inputs an objective needs, the parameters it owns, and its loss on a batch.
+"""`loss.name` as a module: one table (`OBJECTIVES`) says what each objective computes, needs and owns.
+
+Each entry is an `ObjectiveSpec`: its loss on a batch's pooled features, what a batch must carry (group ids,
+hard negatives, token features), whether the text tower trains at all, the parameters the objective owns (SigLIP's
+bias when the model has none: they join the optimizer's shared groups) and what it changes in the model before
+training (FT-CLIP's class head). A new objective is one function and one entry here (or, from outside the
+package, `OBJECTIVES["name"] = ObjectiveSpec(...)`).
 
 Every loss here is the multi-process (gathered) form, which is the plain single-process loss when there is no
 process group; see `cliptune.losses.gather` for the gradient convention DDP relies on.
@@ -6,23 +12,24 @@ process group; see `cliptune.losses.gather` for the gradient convention DDP reli
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from cliptune.config import ConfigError, LossConfig
+from cliptune.config import LossConfig
+from cliptune.losses.classification import CLASSIFIER_SCALE, classification_loss, with_class_head
 from cliptune.losses.fsc import global_hn_loss, local_hn_loss
 from cliptune.losses.gather import gathered_clip_loss
 from cliptune.losses.negclip import negclip_loss
-from cliptune.losses.reduce import global_mean
 from cliptune.losses.siglip import siglip_loss
 from cliptune.losses.unicl import unicl_loss
 from cliptune.models.base import ClipModel
 
-# FT-CLIP / zero-shot logits use CLIP's fixed scale, so that step 0 reproduces zero-shot predictions and logits.
-CLASSIFIER_SCALE = 100.0
+if TYPE_CHECKING:
+    from cliptune.config import RunConfig
 
 
 @dataclass
@@ -44,95 +51,75 @@ class Dense:
     token_mask: torch.Tensor  # [B + B*N, L]
 
 
+# (objective, model, image [B, D], text [B (+ B*N), D] or None when the text tower is unused, extras) -> loss
+Loss = Callable[["Objective", ClipModel, torch.Tensor, "torch.Tensor | None", Extras], torch.Tensor]
+TokenLoss = Callable[["Objective", ClipModel, Dense, Extras], torch.Tensor]
+
+
+def _never(cfg: LossConfig) -> bool:
+    return False
+
+
+def _no_parameters(cfg: LossConfig, model: ClipModel) -> dict[str, nn.Parameter]:
+    return {}
+
+
+@dataclass(frozen=True)
+class ObjectiveSpec:
+    """One training objective: its loss and everything the trainer must know about it."""
+
+    loss: Loss
+    groups: bool = False  # batches carry group ids (`Extras.group`): class labels or caption groups
+    negatives: bool = False  # texts are the captions then B*N hard negatives (`Extras.negative_mask`)
+    labelled: bool = False  # trains on data.labelled only (its class names make the model's head)
+    uses_text: bool = True  # False: the text tower is not used, so it is frozen and never run
+    tokens: Callable[[LossConfig], bool] = _never  # whether this config needs dense token features
+    token_loss: TokenLoss | None = None  # the loss on pooled and token features (when `tokens` says so)
+    parameters: Callable[[LossConfig, ClipModel], dict[str, nn.Parameter]] = _no_parameters  # owned by the loss
+    prepare: Callable[[RunConfig, ClipModel], ClipModel] | None = None  # changes the model before training
+
+
 class Objective(nn.Module):
-    """The configured training objective; owns SigLIP's logit bias when the model has none."""
+    """The configured training objective (`OBJECTIVES[cfg.name]`) with the parameters it owns."""
 
     def __init__(self, cfg: LossConfig, model: ClipModel) -> None:
         super().__init__()
         self.cfg, self.name = cfg, cfg.name
-        self.logit_bias: nn.Parameter | None = None
-        if self.name == "siglip" and getattr(model, "logit_bias", None) is None:
-            self.logit_bias = nn.Parameter(torch.tensor(float(cfg.siglip_bias_init)))
+        self.spec = OBJECTIVES[cfg.name]
+        for name, param in self.spec.parameters(cfg, model).items():
+            self.register_parameter(name, param)
 
     @property
     def needs_groups(self) -> bool:
-        return self.name in ("unicl", "ce")
+        return self.spec.groups
 
     @property
     def needs_negatives(self) -> bool:
-        return self.name in ("negclip", "fsc")
+        return self.spec.negatives
 
     @property
     def needs_tokens(self) -> bool:
-        return self.name == "fsc" and self.cfg.local_weight > 0
+        return self.spec.tokens(self.cfg)
 
     @property
     def uses_text(self) -> bool:
-        return self.name != "ce"
+        return self.spec.uses_text
 
     def forward(self, model: ClipModel, image: torch.Tensor, text: torch.Tensor | None, extras: Extras) -> torch.Tensor:
         """Loss of a batch from its normalised features; `text` holds the captions then their negatives."""
-        scale = model.logit_scale.float()
-        if self.name == "ce":
-            return self._classification(model, image, extras)
-        assert text is not None
-        if self.name == "clip":
-            return gathered_clip_loss(image, text, scale, local_loss=self.cfg.local_loss)
-        if self.name == "siglip":
-            bias = self.logit_bias if self.logit_bias is not None else model.logit_bias
-            return siglip_loss(image, text, scale, bias.float())
-        if self.name == "unicl":
-            return unicl_loss(image, text, scale, _required(extras.group, "group ids"))
-        positives, negatives, mask = self._split(text, extras)
-        loss = negclip_loss(image, positives, scale, negatives, mask)
-        if self.name == "fsc" and self.cfg.global_weight:
-            loss = loss + self.cfg.global_weight * self._global(image, positives, negatives, mask, scale)
-        return loss
+        if self.spec.uses_text and text is None:
+            raise ValueError(f"loss.name {self.name}: the objective needs the text features of the batch")
+        return self.spec.loss(self, model, image, text, extras)
 
     def dense(self, model: ClipModel, dense: Dense, extras: Extras) -> torch.Tensor:
-        """FSC-CLIP with its local loss: the pooled objective plus the token-level hard-negative term."""
-        loss = self.forward(model, dense.image, dense.text, extras)
-        batch = len(dense.image)
-        mask = _required(extras.negative_mask, "negative mask")
-        n = mask.shape[1]
-        tokens, token_mask = dense.tokens, dense.token_mask
-        local = local_hn_loss(
-            dense.patches,
-            tokens[:batch],
-            token_mask[:batch],
-            tokens[batch:].unflatten(0, (batch, n)),
-            token_mask[batch:].unflatten(0, (batch, n)),
-            mask,
-            model.logit_scale.float(),
-            self.cfg.focal_gamma,
-            self.cfg.negative_smoothing,
-        )
-        return loss + self.cfg.local_weight * local
+        """The loss on pooled and token features (FSC-CLIP with its local loss)."""
+        if self.spec.token_loss is None:
+            raise ValueError(f"loss.name {self.name}: the objective has no loss on token features")
+        return self.spec.token_loss(self, model, dense, extras)
 
-    def _global(
-        self,
-        image: torch.Tensor,
-        positives: torch.Tensor,
-        negatives: torch.Tensor,
-        mask: torch.Tensor,
-        scale: torch.Tensor,
-    ) -> torch.Tensor:
-        gamma, eps = self.cfg.focal_gamma, self.cfg.negative_smoothing
-        return global_hn_loss(image, positives, negatives, mask, scale, gamma, eps)
 
-    def _split(self, text: torch.Tensor, extras: Extras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        mask = _required(extras.negative_mask, "negative mask")
-        batch, n = mask.shape
-        return text[:batch], text[batch:].unflatten(0, (batch, n)), mask
-
-    def _classification(self, model: ClipModel, image: torch.Tensor, extras: Extras) -> torch.Tensor:
-        labels = _required(extras.group, "class labels")
-        weights = getattr(model, "class_weights", None)
-        if weights is None:
-            raise ConfigError("loss.name ce: the model has no class head; train it on data.labelled")
-        logits = CLASSIFIER_SCALE * image @ weights.float().T
-        per_sample = F.cross_entropy(logits, labels, label_smoothing=self.cfg.label_smoothing, reduction="none")
-        return global_mean(per_sample.sum(), len(per_sample))
+# ---------------------------------------------------------------------------------------------------------------
+# The objectives
 
 
 def _required(value: torch.Tensor | None, what: str) -> torch.Tensor:
@@ -141,4 +128,90 @@ def _required(value: torch.Tensor | None, what: str) -> torch.Tensor:
     return value
 
 
-__all__ = ["CLASSIFIER_SCALE", "Dense", "Extras", "Objective"]
+def _scale(model: ClipModel) -> torch.Tensor:
+    return model.logit_scale.float()
+
+
+def _clip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
+    return gathered_clip_loss(image, text, _scale(model), local_loss=obj.cfg.local_loss)
+
+
+def _siglip_bias(cfg: LossConfig, model: ClipModel) -> dict[str, nn.Parameter]:
+    """SigLIP's learnable bias, owned by the objective when the model has none of its own."""
+    if model.logit_bias is not None:
+        return {}
+    return {"logit_bias": nn.Parameter(torch.tensor(float(cfg.siglip_bias_init)))}
+
+
+def _siglip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
+    own = obj._parameters.get("logit_bias")
+    bias = own if own is not None else model.logit_bias
+    return siglip_loss(image, text, _scale(model), bias.float())
+
+
+def _unicl(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
+    return unicl_loss(image, text, _scale(model), _required(extras.group, "group ids"))
+
+
+def _split(text: torch.Tensor, extras: Extras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(captions [B, D], negatives [B, N, D], mask [B, N]) of texts that are the captions then the negatives."""
+    mask = _required(extras.negative_mask, "negative mask")
+    batch, n = mask.shape
+    return text[:batch], text[batch:].unflatten(0, (batch, n)), mask
+
+
+def _negclip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
+    positives, negatives, mask = _split(text, extras)
+    return negclip_loss(image, positives, _scale(model), negatives, mask)
+
+
+def _fsc(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
+    """NegCLIP plus FSC-CLIP's global hard-negative loss."""
+    positives, negatives, mask = _split(text, extras)
+    scale = _scale(model)
+    loss = negclip_loss(image, positives, scale, negatives, mask)
+    if obj.cfg.global_weight:
+        gamma, eps = obj.cfg.focal_gamma, obj.cfg.negative_smoothing
+        loss = loss + obj.cfg.global_weight * global_hn_loss(image, positives, negatives, mask, scale, gamma, eps)
+    return loss
+
+
+def _fsc_tokens(obj: Objective, model: ClipModel, dense: Dense, extras: Extras) -> torch.Tensor:
+    """FSC-CLIP with its local loss: the pooled objective plus the token-level hard-negative term."""
+    loss = _fsc(obj, model, dense.image, dense.text, extras)
+    batch = len(dense.image)
+    mask = _required(extras.negative_mask, "negative mask")
+    n = mask.shape[1]
+    tokens, token_mask = dense.tokens, dense.token_mask
+    local = local_hn_loss(
+        dense.patches,
+        tokens[:batch],
+        token_mask[:batch],
+        tokens[batch:].unflatten(0, (batch, n)),
+        token_mask[batch:].unflatten(0, (batch, n)),
+        mask,
+        _scale(model),
+        obj.cfg.focal_gamma,
+        obj.cfg.negative_smoothing,
+    )
+    return loss + obj.cfg.local_weight * local
+
+
+def _ce(
+    obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor | None, extras: Extras
+) -> torch.Tensor:
+    return classification_loss(obj.cfg, model, image, _required(extras.group, "class labels"))
+
+
+# loss.name -> its spec. A new objective adds one line here (its function beside the others, or in its own module).
+OBJECTIVES: dict[str, ObjectiveSpec] = {
+    "clip": ObjectiveSpec(_clip),
+    "siglip": ObjectiveSpec(_siglip, parameters=_siglip_bias),
+    "negclip": ObjectiveSpec(_negclip, negatives=True),
+    "fsc": ObjectiveSpec(_fsc, negatives=True, tokens=lambda cfg: cfg.local_weight > 0, token_loss=_fsc_tokens),
+    "unicl": ObjectiveSpec(_unicl, groups=True),
+    "ce": ObjectiveSpec(_ce, groups=True, labelled=True, uses_text=False, prepare=with_class_head),
+}
+
+
+__all__ = ["CLASSIFIER_SCALE", "OBJECTIVES", "Dense", "Extras", "Objective", "ObjectiveSpec"]

@@ -6,8 +6,6 @@ Plain InfoNCE treats two images of the same class, or two identical captions, in
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from cliptune.losses.reduce import (
@@ -19,21 +17,6 @@ from cliptune.losses.reduce import (
     row_layout,
     upcast,
 )
-
-
-def caption_groups(captions: list[str]) -> torch.Tensor:
-    """Group ids (int64, shape (len(captions),)) equal exactly for captions identical up to case and whitespace.
-
-    The id is a hash of the normalised caption (stripped, runs of whitespace made one space, casefolded), not a
-    position in this list, so that identical captions get the same id on every rank and in every batch: the groups
-    of a distributed batch are then right without any exchange of strings. Two different captions share an id with
-    probability about 2^-64 per pair.
-    """
-    ids = []
-    for caption in captions:
-        key = " ".join(caption.split()).casefold().encode()
-        ids.append(int.from_bytes(hashlib.blake2b(key, digest_size=8).digest(), "little", signed=True))
-    return torch.tensor(ids, dtype=torch.long)
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -49,10 +32,11 @@ def unicl_loss(
 ) -> torch.Tensor:
     """(soft-CE image->text + soft-CE text->image) / 2 with targets uniform over the columns of the row's group.
 
-    `labels` (B,) int64 are group ids (equal ids: positives of each other, e.g. a class or `caption_groups`); ids must
-    mean the same on every rank. Features are L2-normalised, `logit_scale` is clamped at log 100 as in `clip_loss`,
-    which this equals when all labels differ. Distributed: features and labels are gathered, each rank computes its
-    rows against all columns, with the convention of `gathered_clip_loss` (back-propagate the value as is).
+    `labels` (B,) int64 are group ids (equal ids: positives of each other, e.g. a class or
+    `data.datasets.caption_groups`); ids must mean the same on every rank. Features are L2-normalised, `logit_scale`
+    is clamped at log 100 as in `clip_loss`, which this equals when all labels differ. Distributed: features and
+    labels are gathered, each rank computes its rows against all columns, with the convention of
+    `gathered_clip_loss` (back-propagate the value as is).
     """
     check_pairs(image_features, text_features)
     if labels.shape != (image_features.shape[0],) or labels.dtype != torch.long:

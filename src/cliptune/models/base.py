@@ -5,15 +5,48 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cliptune.models.errors import ModelError
+from cliptune.models.layers import Found, LayerGroups, find_trunk, library_layers
+
+if TYPE_CHECKING:
+    from cliptune.models.prompted import TextPath
 
 Tower = Literal["image", "text", "shared"]
+TOWERS: tuple[Tower, ...] = ("image", "text", "shared")  # every tower a parameter can belong to
+ENCODERS: tuple[Tower, Tower] = ("image", "text")  # the towers that encode something (and can be locked)
+# Leading name components that torch's own wrappers add: DistributedDataParallel / DataParallel, torch.compile.
+TORCH_WRAPPERS = ("module", "_orig_mod")
+
+
+def strip_components(name: str, components: tuple[str, ...] | frozenset[str]) -> str:
+    """`name` without its leading dotted components that are in `components`; the last one is always kept.
+
+    The one rule for unwrapping names: torch's wrappers (`TORCH_WRAPPERS`), and for display the containers every
+    model class declares (`container_names`).
+    """
+    parts = name.split(".")
+    start = 0
+    while start < len(parts) - 1 and parts[start] in components:
+        start += 1
+    return ".".join(parts[start:])
+
+
+def container_names() -> frozenset[str]:
+    """Torch's wrappers plus the `containers` of every model class defined so far (built-in or registered)."""
+    names: set[str] = set(TORCH_WRAPPERS)
+    todo: list[type] = [ClipModel]
+    while todo:
+        cls = todo.pop()
+        names.update(cls.containers)
+        todo.extend(cls.__subclasses__())
+    return frozenset(names)
+
 
 # Who answers `encode_image_tokens` / `encode_text_tokens`: named in the error every other model raises.
 DENSE_TOKEN_SUPPORT = "the openclip backend with a ViT image tower and the hf backend with a CLIP model"
@@ -76,11 +109,20 @@ class ClipModel(nn.Module):
     formats that can), `fold_linear_head` lets a wrapper's linear head become part of the output projection, and
     `text_attention_mask` / `encode_text_with_mask` / `text_length_free` describe the text input an exported graph
     takes. ONNX needs nothing else: it traces `encode_image` / `encode_text`.
+
+    Optional hooks, each with a documented default, through which a backend answers for itself whatever training
+    and tuning need to know about it (code outside `models/` never asks for a backend's class or library):
+    `logit_bias` (None), `recognise_layers` / `layer_groups` (layer-wise lr decay), `text_path` (prompt tuning),
+    `weight_readers` (LoRA), `containers` (display names), `has_trunk` / `trunk` / `head` (caching a locked
+    tower), `check_dense_tokens` (FSC-CLIP's local loss).
     """
 
     backend: str = ""
     # The text tower reads a padding mask (BERT-like): an exported text encoder then takes `attention_mask` too.
     text_attention_mask: bool = False
+    # Attribute names under which this model keeps a library model or another ClipModel (`model`, `base`):
+    # display names and lock patterns leave them out (`container_names`).
+    containers: tuple[str, ...] = ()
     train_transform: Callable[[Any], torch.Tensor]
     eval_transform: Callable[[Any], torch.Tensor]
 
@@ -115,6 +157,15 @@ class ClipModel(nn.Module):
     @property
     def logit_scale(self) -> nn.Parameter:
         raise NotImplementedError
+
+    @property
+    def logit_bias(self) -> nn.Parameter | None:
+        """The learnable bias of a sigmoid loss (SigLIP) when the model has one; default None.
+
+        A backend that owns one overrides this property (an `nn.Parameter` assigned to `self.logit_bias` would
+        clash with it: register it as `self._parameters["logit_bias"]`, as `composed` does `logit_scale`).
+        """
+        return None
 
     def tower_of(self, param_name: str) -> Tower:
         raise NotImplementedError
@@ -189,6 +240,65 @@ class ClipModel(nn.Module):
         Default: no, the ids must have the tokenizer's length."""
         return False
 
+    # --- optional hooks (see the class docstring); the defaults suit any backend built from common libraries
+
+    def recognise_layers(self, module: nn.Module, tower: Tower) -> Found | None:
+        """The block layout of `module` if it is a tower trunk this backend knows, else None.
+
+        Default: timm models (their own `group_matcher`) and Hugging Face-style encoders (`cliptune.models.layers`).
+        A backend whose towers come from another library adds its own rule and falls back to this one.
+        """
+        return library_layers(module)
+
+    def layer_groups(self, tower: Tower) -> LayerGroups:
+        """Which layer each parameter of `tower` is in, for layer-wise lr decay (timm's `group_matcher`).
+
+        Default: the outermost module that `recognise_layers` knows and that lies in the tower; a tower with no
+        such module gets one id for every parameter (`kind` "unclassified": no decay, and a warning).
+        """
+        return find_trunk(self, tower)
+
+    def text_path(self) -> TextPath:
+        """How prompt tuning runs this model's text tower with prompt vectors inserted (`cliptune.models.prompted`).
+
+        Default: not supported, a ModelError saying so.
+        """
+        raise ModelError(
+            f"prompt tuning wraps a model whose backend knows its text tower (openclip, hf, composed), not a "
+            f"{self.backend or type(self).__name__!r} one: add the prompts first and other wrappers (projection "
+            "heads) on top"
+        )
+
+    def weight_readers(self) -> tuple[type[nn.Module], ...]:
+        """Module types that read their child Linears' `.weight` instead of calling them (LoRA adapts those in
+        weight space, `cliptune.tuning.lora`). Default: `nn.MultiheadAttention` (it reads `out_proj.weight`)."""
+        return (nn.MultiheadAttention,)
+
+    def has_trunk(self, tower: Tower) -> bool:
+        """Whether `tower` splits into a trunk and a head (`trunk` / `head`), so a locked trunk's outputs can be
+        computed once and reused while the head trains. Default False."""
+        return False
+
+    def trunk(self, tower: Tower, inputs: torch.Tensor) -> torch.Tensor:
+        """The tower's trunk output for images or tokens (only where `has_trunk(tower)`)."""
+        raise NotImplementedError(f"the {tower} tower of {type(self).__name__} does not split into trunk and head")
+
+    def head(self, tower: Tower, features: torch.Tensor) -> torch.Tensor:
+        """The tower's unnormalised embedding of trunk outputs (only where `has_trunk(tower)`)."""
+        raise NotImplementedError(f"the {tower} tower of {type(self).__name__} does not split into trunk and head")
+
+    def check_dense_tokens(self) -> None:
+        """Raise NotImplementedError (saying why) when `encode_image_tokens` / `encode_text_tokens` cannot work.
+
+        Default: run both once on a blank image and a short caption, so a run fails before training starts.
+        """
+        from PIL import Image
+
+        image = self.eval_transform(Image.new("RGB", (64, 64)))[None]
+        with torch.no_grad():
+            self.encode_image_tokens(image)
+            self.encode_text_tokens(self.tokenize(["a photo"]))
+
     def tower_parameters(self, tower: Tower) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if self.tower_of(n) == tower}
 
@@ -229,6 +339,15 @@ class TrunkHeadModel(ClipModel):
     The split lets a locked trunk's outputs be computed once and reused (`cliptune.eval.encode.Encoding`) while the
     heads train.
     """
+
+    def has_trunk(self, tower: Tower) -> bool:
+        return tower in ENCODERS
+
+    def trunk(self, tower: Tower, inputs: torch.Tensor) -> torch.Tensor:
+        return self.image_trunk(inputs) if tower == "image" else self.text_trunk(inputs)
+
+    def head(self, tower: Tower, features: torch.Tensor) -> torch.Tensor:
+        return self.image_head(features) if tower == "image" else self.text_head(features)
 
     def image_trunk(self, images: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

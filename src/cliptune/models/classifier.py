@@ -29,21 +29,19 @@ dict.
 from __future__ import annotations
 
 from collections import Counter
-from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.config import ModelConfig
 from cliptune.models.base import ClipModel, Tower
 from cliptune.models.errors import ModelError
+from cliptune.models.wrapper import WrappedModel
 
 HEAD = "class_weights"
 # The fixed logit scale of zero-shot evaluation (`cliptune.eval.zeroshot.evaluate_zeroshot`).
 ZEROSHOT_SCALE = 100.0
-_TRUNK_HOOKS = ("image_trunk", "image_head", "text_trunk", "text_head")
 
 
 def _check_classes(class_names: list[str], weights: torch.Tensor) -> None:
@@ -59,26 +57,20 @@ def _check_classes(class_names: list[str], weights: torch.Tensor) -> None:
         )
 
 
-class ClassifierModel(ClipModel):
+class ClassifierModel(WrappedModel):
     """A `ClipModel` whose `classify(images)` scores images against one learnable embedding per class."""
 
     backend = "classifier"
 
     def __init__(self, base: ClipModel, class_names: list[str], weights: torch.Tensor) -> None:
-        super().__init__()
         class_names = list(class_names)
         _check_classes(class_names, weights)
-        self.base = base
+        super().__init__(base)
         self.class_names = class_names
         reference = next(base.parameters())
         rows = weights.detach().to(device=reference.device, dtype=reference.dtype)
         self.class_weights = nn.Parameter(rows.clone(memory_format=torch.contiguous_format))  # row-major (C, D)
-        self.train_transform, self.eval_transform = base.train_transform, base.eval_transform
         self.train(base.training)
-        # The towers are the base's, unchanged: a base that splits them into trunk and head can still be cached.
-        for name in _TRUNK_HOOKS:
-            if hasattr(base, name):
-                setattr(self, name, getattr(base, name))
 
     @classmethod
     def from_zeroshot(
@@ -109,13 +101,7 @@ class ClassifierModel(ClipModel):
             )
         return ZEROSHOT_SCALE * features @ self.class_weights.T.to(features.dtype)
 
-    # --- the ClipModel interface, delegated to the base
-
-    def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.base.encode_image(images, normalize=normalize)
-
-    def encode_text(self, tokens: torch.Tensor, normalize: bool = True) -> torch.Tensor:
-        return self.base.encode_text(tokens, normalize=normalize)
+    # --- what the head changes in the ClipModel interface; the towers are the base's, unchanged
 
     def encode_image_tokens(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         return self.base.encode_image_tokens(images)
@@ -123,37 +109,15 @@ class ClassifierModel(ClipModel):
     def encode_text_tokens(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.base.encode_text_tokens(tokens)
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.base.tokenize(texts)
+    def check_dense_tokens(self) -> None:
+        self.base.check_dense_tokens()
 
-    @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.base.logit_scale
+    def own_tower(self, param_name: str) -> Tower | None:
+        # The head is a bare parameter, not a module: it has no train/eval mode, so tower_modules stays the base's.
+        return "image" if param_name == HEAD else None
 
-    @property
-    def logit_bias(self) -> nn.Parameter | None:
-        """The base's sigmoid-loss bias (SigLIP), None when it has none."""
-        return getattr(self.base, "logit_bias", None)
-
-    def tower_of(self, param_name: str) -> Tower:
-        if param_name == HEAD:
-            return "image"
-        return self.base.tower_of(param_name.removeprefix("base."))
-
-    def tower_modules(self, tower: Tower) -> list[nn.Module]:
-        # The head is a bare parameter, not a module: it has no train/eval mode to set.
-        return self.base.tower_modules(tower)
-
-    def spec(self) -> dict[str, Any]:
-        return {
-            "backend": self.backend,
-            "classes": list(self.class_names),
-            "dim": int(self.class_weights.shape[1]),
-            "base": self.base.spec(),
-        }
-
-    def save_assets(self, folder: Path) -> None:
-        self.base.save_assets(folder)  # the head's weights are in the state dict, the class names in spec()
+    def wrapper_spec(self) -> dict[str, Any]:
+        return {"classes": list(self.class_names), "dim": int(self.class_weights.shape[1])}
 
     # --- export: open_clip and transformers CLIP models have no place for a class head; ONNX adds `logits`
 
@@ -167,32 +131,8 @@ class ClassifierModel(ClipModel):
     def to_hf(self) -> Any:
         raise self._head_refusal("hf")
 
-    def hf_tokenizer(self) -> Any:
-        return self.base.hf_tokenizer()
 
-    @property
-    def text_attention_mask(self) -> bool:  # type: ignore[override]
-        return self.base.text_attention_mask
-
-    def encode_text_with_mask(
-        self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
-    ) -> torch.Tensor:
-        return self.base.encode_text_with_mask(tokens, attention_mask, normalize=normalize)
-
-    def text_length_free(self) -> bool:
-        return self.base.text_length_free()
-
-
-def build(cfg: ModelConfig) -> ClassifierModel:
-    raise ModelError(
-        "model.backend: 'classifier' is not a model family; build the model with its own backend and wrap it with "
-        "cliptune.models.classifier.ClassifierModel.from_zeroshot(model, class_names, templates)"
-    )
-
-
-def rebuild(spec: dict[str, Any], folder: Path | None = None) -> ClassifierModel:
+def rebuild(spec: dict[str, Any], base: ClipModel) -> ClassifierModel:
     """The saved base (rebuilt offline by its own backend) with a placeholder head; the saved weights load after."""
-    from cliptune.models import rebuild as rebuild_base  # the backend table imports this module lazily
-
     classes = spec["classes"]
-    return ClassifierModel(rebuild_base(spec["base"], folder), classes, torch.zeros(len(classes), int(spec["dim"])))
+    return ClassifierModel(base, classes, torch.zeros(len(classes), int(spec["dim"])))

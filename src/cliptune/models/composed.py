@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import inspect
 import math
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ from torch import nn
 from cliptune.config import ModelConfig, TowerConfig
 from cliptune.models.base import Tower, TrunkHeadModel
 from cliptune.models.errors import ModelError
+from cliptune.models.layers import Found, library_layers
+from cliptune.models.prompted import TextPath, hf_tokenize, insert_prompts, rows, shift_index, start_offset
 from cliptune.models.towers import (
+    POOLING,
     ImageTower,
     Preprocess,
     TextTower,
@@ -29,6 +33,7 @@ from cliptune.models.towers import (
     build_text_tower,
     rebuild_image_tower,
     rebuild_text_tower,
+    tower_layers,
 )
 
 IMAGE_ASSETS = "image_tower"  # sub-folders of a saved model's folder, written by save_assets
@@ -121,6 +126,12 @@ class ComposedClip(TrunkHeadModel):
         }
         return modules[tower]
 
+    def recognise_layers(self, module: nn.Module, tower: Tower) -> Found | None:
+        return library_layers(module) or tower_layers(module)
+
+    def text_path(self) -> TextPath:
+        return ComposedText(self)
+
     def spec(self) -> dict[str, Any]:
         lay = self.layout
         return {
@@ -212,3 +223,37 @@ def rebuild(spec: dict[str, Any], folder: Path | None = None) -> ComposedClip:
         )
     layout = Layout(spec["arch"], image_cfg, text_cfg, spec["head"], spec["embed_dim"], spec["init_temperature"])
     return ComposedClip(layout, image, text).eval()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt tuning: this backend's text tower with prompt vectors inserted (`cliptune.models.prompted`)
+
+
+class ComposedText(TextPath):
+    def __init__(self, base: Any) -> None:
+        tower = base.text_tower
+        if "inputs_embeds" not in inspect.signature(tower.model.forward).parameters:
+            raise ModelError(f"prompt tuning: text tower {type(tower.model).__name__} takes no inputs_embeds")
+        self.width = int(tower.model.get_input_embeddings().embedding_dim)
+        self.length = int(tower.length)
+        self.at = start_offset(tower.tokenizer)  # BERT: after [CLS]
+
+    def tokenize(self, base: Any, texts: list[str], length: int) -> torch.Tensor:
+        return hf_tokenize(base.text_tower.tokenizer, texts, length)
+
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tower = base.text_tower
+        n = prompt.shape[0]
+        x = insert_prompts(tower.model.get_input_embeddings()(tokens), prompt, self.at)
+        caption = tokens != tower.pad_id if mask is None else mask.bool()
+        ones = torch.ones(tokens.shape[0], n, dtype=torch.bool, device=tokens.device)
+        mask = torch.cat([caption[:, : self.at], ones, caption[:, self.at :]], dim=1)  # the prompts are attended
+        hidden = tower.model(inputs_embeds=x, attention_mask=mask.long()).last_hidden_state
+        if tower.pooling == "cls":  # the start token's state; with no start token, the caption's first token
+            first = shift_index(torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device), self.at, n)
+            pooled = hidden[rows(hidden), first]
+        else:  # mean: over every attended position, the prompts included
+            pooled = POOLING[tower.pooling](hidden, mask)
+        return base.text_head(pooled)

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -22,9 +21,9 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, HFExport, OpenClipExport, Tower, TrunkHeadModel
+from cliptune.models.base import ENCODERS, ClipModel, HFExport, OpenClipExport, Tower, TrunkHeadModel
 from cliptune.models.errors import ModelError
+from cliptune.models.wrapper import BASE, WrappedModel
 
 HEAD_KINDS = ("linear", "mlp")
 _PROBE_SIDE = 224  # any size: the base's eval transform resizes the probe image to what its image tower takes
@@ -61,17 +60,15 @@ def make_head(kind: str, dim: int) -> nn.Module:
     return ResidualMLP(dim)
 
 
-class HeadedModel(TrunkHeadModel):
+class HeadedModel(TrunkHeadModel, WrappedModel):
     """Any `ClipModel` with a new head on each tower's normalised embedding."""
 
     backend = "heads"
 
     def __init__(self, base: ClipModel, kind: str) -> None:
-        super().__init__()
         check_kind(kind)  # before the probe runs the base
-        self.base = base
+        super().__init__(base)
         self.kind = kind
-        self.train_transform, self.eval_transform = base.train_transform, base.eval_transform
         dim, self._module_sides = _probe(base)
         self._param_sides = {
             f"{module}.{name}": side
@@ -79,7 +76,7 @@ class HeadedModel(TrunkHeadModel):
             for name, _ in base.get_submodule(module).named_parameters()
         }
         reference = next(base.parameters())
-        self.heads = nn.ModuleDict({t: make_head(kind, dim) for t in ("image", "text")})
+        self.heads = nn.ModuleDict({t: make_head(kind, dim) for t in ENCODERS})
         self.heads.to(device=reference.device, dtype=reference.dtype)
         self.train(base.training)
 
@@ -99,25 +96,12 @@ class HeadedModel(TrunkHeadModel):
     def text_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.heads["text"](features)
 
-    # --- the ClipModel interface
+    # --- what the heads change in the ClipModel interface
 
-    def tokenize(self, texts: list[str]) -> torch.Tensor:
-        return self.base.tokenize(texts)
-
-    @property
-    def logit_scale(self) -> nn.Parameter:
-        return self.base.logit_scale
-
-    @property
-    def logit_bias(self) -> nn.Parameter | None:
-        """The base's sigmoid-loss bias (SigLIP), None when it has none."""
-        return getattr(self.base, "logit_bias", None)
-
-    def tower_of(self, param_name: str) -> Tower:
-        if not param_name.startswith("base."):
+    def own_tower(self, param_name: str) -> Tower | None:
+        if not param_name.startswith(BASE):
             return "shared"  # the new heads
-        name = param_name.removeprefix("base.")
-        return self._param_sides.get(name) or self.base.tower_of(name)
+        return self._param_sides.get(param_name.removeprefix(BASE))
 
     def tower_modules(self, tower: Tower) -> list[nn.Module]:
         # A base "shared" module that only one side uses (a composed model's projection) is part of that trunk.
@@ -127,8 +111,8 @@ class HeadedModel(TrunkHeadModel):
             return [*kept, self.heads]
         return [*self.base.tower_modules(tower), *(m for n, m in moved.items() if self._module_sides[n] == tower)]
 
-    def spec(self) -> dict[str, Any]:
-        return {"backend": self.backend, "heads": self.kind, "base": self.base.spec()}
+    def wrapper_spec(self) -> dict[str, Any]:
+        return {"heads": self.kind}
 
     # --- export: a linear head folds into the base's output projection; an MLP head has nowhere to go
 
@@ -151,7 +135,7 @@ class HeadedModel(TrunkHeadModel):
             raise self.cannot_export(fmt, f"the {self.base.backend!r} model has no linear projection to fold into")
         saved = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
         try:
-            for tower in ("image", "text"):
+            for tower in ENCODERS:
                 self.base.fold_linear_head(tower, self.heads[tower].weight.detach())
             yield self.base
         finally:
@@ -165,24 +149,11 @@ class HeadedModel(TrunkHeadModel):
         with self._folded("hf") as base:
             return base.to_hf()
 
-    def hf_tokenizer(self) -> Any:
-        return self.base.hf_tokenizer()
-
-    @property
-    def text_attention_mask(self) -> bool:  # type: ignore[override]
-        return self.base.text_attention_mask
-
     def encode_text_with_mask(
         self, tokens: torch.Tensor, attention_mask: torch.Tensor, normalize: bool = True
     ) -> torch.Tensor:
         x = self.text_head(self.base.encode_text_with_mask(tokens, attention_mask, normalize=True))
         return F.normalize(x, dim=-1) if normalize else x
-
-    def text_length_free(self) -> bool:
-        return self.base.text_length_free()
-
-    def save_assets(self, folder: Path) -> None:
-        self.base.save_assets(folder)  # the heads' weights are in the state dict; their layout is in spec()
 
 
 def _probe(base: ClipModel) -> tuple[int, dict[str, Tower]]:
@@ -220,15 +191,6 @@ def add_heads(model: ClipModel, kind: str) -> HeadedModel:
     return HeadedModel(model, kind)
 
 
-def build(cfg: ModelConfig) -> HeadedModel:
-    raise ModelError(
-        "model.backend: 'heads' is not a model family; build the model with its own backend and set "
-        "finetune.heads: linear or mlp to add heads on top of it"
-    )
-
-
-def rebuild(spec: dict[str, Any], folder: Path | None = None) -> HeadedModel:
-    """The saved architecture: the base rebuilt by its own backend (offline), wrapped in new heads."""
-    from cliptune.models import rebuild as rebuild_base  # the backend table imports this module lazily
-
-    return HeadedModel(rebuild_base(spec["base"], folder), spec["heads"])
+def rebuild(spec: dict[str, Any], base: ClipModel) -> HeadedModel:
+    """The saved architecture around the rebuilt base (`cliptune.models.WRAPPERS`); the saved weights load after."""
+    return HeadedModel(base, spec["heads"])

@@ -36,6 +36,7 @@ from transformers.utils import ModelOutput
 from cliptune.config import ModelConfig
 from cliptune.models.base import ClipModel, HFExport, Tower, dense_tokens_unsupported, tracing
 from cliptune.models.errors import ModelError
+from cliptune.models.prompted import TextPath, hf_tokenize, insert_prompts, rows, shift_index, start_offset
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +73,7 @@ class HFClipModel(ClipModel):
     """A transformers CLIP or SigLIP model with its tokenizer and torchvision versions of its image processor."""
 
     backend = "hf"
+    containers = ("model",)  # the transformers model
 
     def __init__(self, arch: str, model: PreTrainedModel, tokenizer: Any, image_processor: Any) -> None:
         super().__init__()
@@ -179,6 +181,9 @@ class HFClipModel(ClipModel):
             if name.startswith(prefix):
                 return tower
         return "shared"
+
+    def text_path(self) -> TextPath:
+        return HFText(self)
 
     def tower_modules(self, tower: Tower) -> list[nn.Module]:
         modules = (getattr(self.model, attr, None) for attr in _TOWER_ATTRS.get(tower, ()))
@@ -408,3 +413,43 @@ def _load_failure(arch: str, source: str, local_only: bool, what: str, error: Ex
             "tokenizer and image processor with `save_pretrained(folder)` and point model.arch at that local folder."
         )
     return f"model.arch: could not load {what} of {arch!r} from the Hugging Face hub ({reason})"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt tuning: this backend's text tower with prompt vectors inserted (`cliptune.models.prompted`)
+
+
+class HFText(TextPath):
+    def __init__(self, base: Any) -> None:
+        if base.model_type not in ("clip", "siglip"):
+            raise ModelError(f"prompt tuning: hf model type {base.model_type!r} is not supported (clip, siglip)")
+        self.causal = base.model_type == "clip"  # CLIP: causal, pools the first EOS; SigLIP: no mask, pools last
+        self.width = int(base.model.text_model.embeddings.token_embedding.embedding_dim)
+        self.length = int(base.context_length)
+        self.at = start_offset(base.tokenizer)  # CLIP: after <|startoftext|>; SigLIP: no start token, so 0
+
+    def tokenize(self, base: Any, texts: list[str], length: int) -> torch.Tensor:
+        return hf_tokenize(base.tokenizer, texts, length)
+
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        text = base.model.text_model
+        x = insert_prompts(text.embeddings.token_embedding(tokens), prompt, self.at)
+        n = prompt.shape[0]
+        if self.causal:
+            index = shift_index(base.eos_positions(tokens), self.at, n)
+            # Causal attention: positions after every row's EOS change no pooled state, so they are dropped.
+            if not tracing():  # a traced graph keeps the input's length
+                x = x[:, : int(index.max()) + 1]
+            length = x.shape[1]
+            blocked = torch.ones(length, length, dtype=torch.bool, device=x.device).triu(1)
+            mask = torch.zeros(length, length, dtype=x.dtype, device=x.device)
+            mask = mask.masked_fill(blocked, torch.finfo(x.dtype).min)[None, None]
+        else:
+            index = torch.full((x.shape[0],), x.shape[1] - 1, dtype=torch.long, device=x.device)
+            mask = None
+        hidden = text.embeddings(inputs_embeds=x)  # adds the position embeddings 0..S-1
+        hidden = text.encoder(inputs_embeds=hidden, attention_mask=mask).last_hidden_state
+        pooled = text.final_layer_norm(hidden)[rows(hidden), index]
+        return base.model.text_projection(pooled) if self.causal else text.head(pooled)

@@ -14,12 +14,15 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import parse_model_name
+from open_clip.modified_resnet import AttentionPool2d
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
 from cliptune.config import ModelConfig
 from cliptune.models.base import ClipModel, HFExport, OpenClipExport, Tower, dense_tokens_unsupported, tracing
 from cliptune.models.errors import ModelError
+from cliptune.models.layers import Found, is_from, library_layers, rule
+from cliptune.models.prompted import TextPath, insert_prompts, rows, shift_index
 
 _CONFIG_DIR = Path(__file__).parent / "model_configs"
 # Registering our tiny architectures with open_clip keeps one code path for tiny and real models.
@@ -32,6 +35,7 @@ _FLAT_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_fina
 
 class OpenClipModel(ClipModel):
     backend = "openclip"
+    containers = ("model",)  # the open_clip model
 
     def __init__(self, arch: str, model: nn.Module, train_transform: Any, eval_transform: Any) -> None:
         super().__init__()
@@ -140,6 +144,17 @@ class OpenClipModel(ClipModel):
         if name.startswith("text.") or name.split(".")[0] in _FLAT_TEXT:
             return "text"
         return "shared"
+
+    def recognise_layers(self, module: nn.Module, tower: Tower) -> Found | None:
+        """open_clip's own towers; timm and Hugging Face towers (some open_clip models have them) by default."""
+        return _openclip_layers(module, tower) or library_layers(module)
+
+    def text_path(self) -> TextPath:
+        return OpenClipText(self)
+
+    def weight_readers(self) -> tuple[type[nn.Module], ...]:
+        # The ResNet's attention pooling reads its q/k/v/c_proj weights instead of calling those Linears.
+        return (*super().weight_readers(), AttentionPool2d)
 
     def tower_modules(self, tower: Tower) -> list[nn.Module]:
         if tower == "image":
@@ -251,6 +266,29 @@ def _device(p: nn.Module | torch.Tensor) -> torch.device:
 
 def _dtype(p: nn.Module | torch.Tensor) -> torch.dtype:
     return p.weight.dtype if isinstance(p, nn.Linear) else p.dtype
+
+
+_VIT_STEM = ("conv1", "class_embedding", "positional_embedding", "ln_pre", "patchnorm_pre_ln")
+_RESNET_STEM = ("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")
+_TEXT_STEM = ("token_embedding", "positional_embedding", "cls_emb")
+_RESBLOCKS = r"transformer\.resblocks\.(\d+)\."
+
+
+def _openclip_layers(module: nn.Module, tower: Tower) -> Found | None:
+    """Block layouts of open_clip's ViT, ModifiedResNet and text transformer, for layer-wise lr decay."""
+    if is_from(module, "open_clip", "VisionTransformer") and hasattr(module, "transformer"):
+        n = len(module.transformer.resblocks)
+        return Found("openclip-vit", n, rule(_RESBLOCKS, _VIT_STEM, n))
+    if is_from(module, "open_clip", "ModifiedResNet"):
+        return Found("openclip-resnet", 4, rule(r"layer([1-4])\.", _RESNET_STEM, 4, offset=0))
+    if is_from(module, "open_clip", "TextTransformer"):
+        n = len(module.transformer.resblocks)
+        return Found("openclip-text", n, rule(_RESBLOCKS, _TEXT_STEM, n))
+    if tower == "text" and is_from(module, "open_clip", "CLIP") and hasattr(module, "token_embedding"):
+        # open_clip's CLIP keeps its text transformer flat on the model, beside `visual` and `logit_scale`.
+        n = len(module.transformer.resblocks)
+        return Found("openclip-text", n, rule(_RESBLOCKS, _TEXT_STEM, n), whole=False)
+    return None
 
 
 def _check_arch(arch: str) -> None:
@@ -368,3 +406,66 @@ def _root_log_level(level: int) -> Iterator[None]:
 
 def _is_file(path: str | None) -> bool:
     return path is not None and Path(path).expanduser().is_file()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prompt tuning: this backend's text tower with prompt vectors inserted (`cliptune.models.prompted`)
+
+
+def _openclip_tower(base: Any) -> nn.Module:
+    # CustomTextCLIP holds a text module; CLIP holds the same pieces flat on the model.
+    return base.model.text if hasattr(base.model, "text") else base.model
+
+
+class OpenClipText(TextPath):
+    def __init__(self, base: Any) -> None:
+        model, tower = base.model, _openclip_tower(base)
+        pieces = ("token_embedding", "positional_embedding", "transformer", "ln_final")
+        if not all(hasattr(tower, p) for p in pieces):
+            raise ModelError(
+                f"prompt tuning: the text tower of open_clip model {base.arch!r} ({type(tower).__name__}) is not a "
+                "built-in text transformer (an HF text encoder?); prompt tuning supports open_clip's TextTransformer"
+            )
+        if getattr(tower, "cls_emb", None) is not None or getattr(tower, "use_pad_mask", False):
+            raise ModelError(f"prompt tuning: {base.arch!r} appends a CLS embedding or masks padding; not supported")
+        if not hasattr(base._tokenizer, "sot_token_id"):
+            raise ModelError(f"prompt tuning: {base.arch!r} uses an HF tokenizer; only open_clip's own is supported")
+        flat = tower is model
+        self.pool = model.text_pool_type if flat else tower.pool_type
+        self.eos_id = model.text_eos_id if flat else tower.eos_id
+        if self.pool not in ("argmax", "eos", "first", "last"):
+            raise ModelError(f"prompt tuning: {base.arch!r} pools its text tower with {self.pool!r}; not supported")
+        self.width = int(tower.token_embedding.embedding_dim)
+        self.length = int(tower.positional_embedding.shape[0])
+        self.at = 1  # open_clip's tokenizer starts every caption with <start_of_text>
+
+    def tokenize(self, base: Any, texts: list[str], length: int) -> torch.Tensor:
+        # open_clip truncates to `length` and writes <end_of_text> into the last slot.
+        return base._tokenizer(list(texts), context_length=length)
+
+    def pool_index(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Where the base pools, in caption coordinates (before the prompts)."""
+        if self.pool == "argmax":  # <end_of_text> has the highest id
+            return tokens.argmax(dim=-1)
+        if self.pool == "eos":
+            return (tokens == self.eos_id).int().argmax(dim=-1)
+        if self.pool == "first":
+            return torch.zeros(tokens.shape[0], dtype=torch.long, device=tokens.device)
+        return torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long, device=tokens.device)
+
+    def features(
+        self, base: Any, tokens: torch.Tensor, prompt: torch.Tensor, mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        tower = _openclip_tower(base)
+        cast = tower.transformer.get_cast_dtype()
+        x = insert_prompts(tower.token_embedding(tokens).to(cast), prompt.to(cast), self.at)
+        length = x.shape[1]
+        x = x + tower.positional_embedding[:length].to(cast)  # after the insertion: prompts get positions 1..n
+        mask = getattr(tower, "attn_mask", None)
+        x = tower.transformer(x, attn_mask=None if mask is None else mask[:length, :length])
+        x = tower.ln_final(x)
+        pooled = x[rows(x), shift_index(self.pool_index(tokens), self.at, prompt.shape[0])]
+        projection = tower.text_projection
+        if projection is None:
+            return pooled
+        return projection(pooled) if isinstance(projection, nn.Linear) else pooled @ projection

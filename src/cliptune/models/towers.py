@@ -30,6 +30,7 @@ from torchvision import transforms as T
 
 from cliptune.config import TowerConfig
 from cliptune.models.errors import ModelError
+from cliptune.models.layers import Found, is_from, rule
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -569,3 +570,17 @@ __all__ = [
     "rebuild_text_tower",
     "torch_hub",
 ]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Layer groups of the image libraries only this backend uses (timm and HF encoders: `cliptune.models.layers`)
+
+
+def tower_layers(module: nn.Module) -> Found | None:
+    """The block layout of a torchvision ResNet or an efficientnet-lite network, for layer-wise lr decay."""
+    if is_from(module, "torchvision", "ResNet"):
+        return Found("torchvision-resnet", 4, rule(r"layer([1-4])\.", ("conv1", "bn1"), 4, offset=0))
+    if is_from(module, "efficientnet_lite_pytorch", "EfficientNet"):
+        n = len(module._blocks)
+        return Found("efficientnet-lite", n, rule(r"_blocks\.(\d+)\.", ("_conv_stem", "_bn0"), n))
+    return None

@@ -73,7 +73,7 @@ class TrainModule(nn.Module):
     def embed(self, tower: Tower, inputs: torch.Tensor) -> torch.Tensor:
         """Normalised features of one tower; a cached tower's inputs are its locked trunk's outputs."""
         if tower in self.cached:
-            return F.normalize(getattr(self.model, f"{tower}_head")(inputs).float(), dim=-1)
+            return F.normalize(self.model.head(tower, inputs).float(), dim=-1)
         encode = self.model.encode_image if tower == "image" else self.model.encode_text
         # A locked tower needs no graph: running it under no_grad saves its activations' memory.
         with torch.no_grad() if tower in self.locked else nullcontext():

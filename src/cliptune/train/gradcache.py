@@ -17,21 +17,10 @@ the loss saw. open_clip's `--accum-freq` neither restores it (with dropout its c
 nor counts the `logit_scale` gradient once (it is `accum_freq` times too large), and it all-reduces on every sub-step;
 with DDP, pass `no_sync=ddp.no_sync` here and only the last chunk synchronises.
 
-How the trainer calls it (the optimizer step and `zero_grad` stay in the trainer, as do gradient clipping, the
-scheduler, the `logit_scale` clamp and EMA), in `train_step` in place of the feature/loss/backward lines::
-
-    if cfg.train.chunk_size and cfg.train.chunk_size < len(images):
-        trainer.optimizer.zero_grad(set_to_none=True)
-        loss = chunked_backward(
-            model, images, tokens, LOSSES[cfg.loss.name], cfg.train.chunk_size,
-            encode_image=lambda x: _embed(trainer, "image", x),   # handles cached trunks and locked towers
-            encode_text=lambda x: _embed(trainer, "text", x),
-            forward_context=lambda: autocast(trainer.device, cfg.runtime.precision),
-            towers=[t for t in ("image", "text") if t not in trainer.locked],
-        )
-        if not torch.isfinite(loss):
-            raise FloatingPointError(...)
-        # ... then grad clipping, optimizer.step(), scheduler.step(), logit_scale clamp and EMA as today.
+How the trainer calls it (`cliptune.train.loop._chunked`; the optimizer step and `zero_grad` stay in the trainer,
+as do gradient clipping, the scheduler, the `logit_scale` clamp and EMA): the encoders go through the trainer's
+forward module (cached trunks, locked towers, DDP), the loss is the run's objective on the whole batch's features
+(`Objective`, with the batch's group ids or negative mask), and only trainable towers are listed in `towers`.
 
 `forward_context` is entered around every encoder call of both passes but not around the loss, as `train_step`
 runs the encoders under autocast and the loss outside it. Under bf16 autocast the features (and so the leaf copies
@@ -50,10 +39,10 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from cliptune.losses import LossFn
 from cliptune.models.base import ClipModel, Tower
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (image, text, logit_scale) -> loss
 ContextFactory = Callable[[], AbstractContextManager]
 
 
@@ -145,7 +134,7 @@ def chunked_backward(
     Args:
         model: the (unwrapped) model; its `logit_scale` goes to the loss, and its encoders are the defaults.
         images, tokens: the whole batch of encoder inputs (raw, or cached trunk outputs if the encoders take those).
-        loss_fn: `loss(image_features, text_features, logit_scale)` on the full batch, e.g. `LOSSES["clip"]`.
+        loss_fn: `loss(image_features, text_features, logit_scale)` on the full batch, e.g. `clip_loss`.
         chunk_size: at most this many samples go through an encoder at once; a pair sets it for images and
             texts separately (the towers are chunked independently). It need not divide the batch.
         encode_image, encode_text: inputs -> features; default: `model.encode_image` / `model.encode_text`

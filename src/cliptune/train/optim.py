@@ -9,21 +9,16 @@ import torch
 from torch import nn
 
 from cliptune.config import OptimConfig
+from cliptune.models.base import ClipModel
+from cliptune.tuning.param_groups import describe_groups, param_groups
 
 
-def _no_decay(name: str, param: nn.Parameter) -> bool:
-    # Decaying gains, biases, embeddings of 1-D shape or the temperature pulls them towards 0, which hurts CLIP.
-    # Learned prompt vectors are word embeddings in all but name: they are not decayed either.
-    exempt = ("logit_scale" in name, "logit_bias" in name, name.endswith((".bias", "prompt")))
-    return param.ndim < 2 or any(exempt)
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
-    """AdamW over per-tower, per-layer groups (layer-wise lr decay, per-tower lr and weight decay)."""
-    from cliptune.tuning.param_groups import describe_groups
-    from cliptune.tuning.param_groups import param_groups as layered_groups
-
-    groups = layered_groups(model, cfg)
+def build_optimizer(
+    model: ClipModel, cfg: OptimConfig, extra: dict[str, nn.Parameter] | None = None
+) -> torch.optim.AdamW:
+    """AdamW over per-tower, per-layer groups (layer-wise lr decay, per-tower lr and weight decay); `extra`
+    parameters (the objective's own) join the shared groups."""
+    groups = param_groups(model, cfg, extra)
     if not groups:
         raise ValueError("nothing to train: every parameter is locked (see the `finetune` section of the config)")
     logging.getLogger("cliptune").info("parameter groups:\n%s", describe_groups(groups))

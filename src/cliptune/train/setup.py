@@ -20,7 +20,7 @@ from cliptune.eval import EvalSuite
 from cliptune.eval.encode import Encoding
 from cliptune.eval.feature_store import FeatureStore
 from cliptune.inference import load_any
-from cliptune.losses.objective import Objective
+from cliptune.losses.objective import OBJECTIVES, Objective
 from cliptune.models import ClipModel, build_model, rebuild
 from cliptune.models.base import Tower
 from cliptune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
@@ -159,8 +159,9 @@ def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) ->
         return rebuild(json.loads((assets / "model.json").read_text()), assets)
     model = load_any(cfg.model.init) if cfg.model.init else build_model(cfg.model)
     model = wrap(model, cfg.finetune)
-    if cfg.loss.name == "ce":
-        model = _with_class_head(cfg, model)
+    prepare = OBJECTIVES[cfg.loss.name].prepare
+    if prepare is not None:
+        model = prepare(cfg, model)
     if where.main:
         assets.mkdir(parents=True, exist_ok=True)
         model.save_assets(assets)
@@ -168,25 +169,12 @@ def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) ->
     return model
 
 
-def _with_class_head(cfg: RunConfig, model: ClipModel) -> ClipModel:
-    """FT-CLIP: the image tower under a linear head holding the zero-shot weights of the class prompts."""
-    from cliptune.data import read_classification
-    from cliptune.models.classifier import ClassifierModel
-
-    if cfg.data.labelled is None:
-        raise ConfigError("loss.name ce: classification fine-tuning needs data.labelled (a labelled image set)")
-    labelled = read_classification(cfg.data.labelled, check_images=False)
-    return ClassifierModel.from_zeroshot(
-        model, labelled.classnames, cfg.data.labelled.templates, batch_size=cfg.eval.batch_size
-    )
-
-
 def _prepare_model(cfg: RunConfig, resuming: bool, where: World) -> tuple[ClipModel, list[Tower]]:
     """Build, lock and adapt the model; a fresh run also records its starting weights for WiSE-FT."""
     model = _build_model(cfg, cfg.run_dir, resuming, where)
     apply_locking(model, cfg.finetune)
     keep_prompts_trainable(model)
-    if cfg.loss.name == "ce":  # FT-CLIP trains the image tower and the head; the text tower is not used
+    if not OBJECTIVES[cfg.loss.name].uses_text:  # FT-CLIP trains the image tower and the head only
         for param in model.tower_parameters("text").values():
             param.requires_grad_(False)
     lora = lora_towers(model, cfg.finetune.lora) if cfg.finetune.lora.rank else None
@@ -220,9 +208,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         dataset: TrainPairs | ShardStream = shard_stream(cfg, model, objective, where)
     else:
         dataset = train_dataset(cfg, train_table, model, encoding, labels, objective)
-    optimizer = build_optimizer(model, cfg.optim)
-    if objective.logit_bias is not None:  # SigLIP's bias, when the model has none: a no-decay group of its own
-        optimizer.add_param_group({"params": [objective.logit_bias], "weight_decay": 0.0, "lr": cfg.optim.lr})
+    optimizer = build_optimizer(model, cfg.optim, dict(objective.named_parameters()))
     steps = steps_per_epoch(cfg, dataset, where)
     scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs)
     if checkpoint:
@@ -266,28 +252,21 @@ def _process(cfg: RunConfig) -> tuple[World, torch.device]:
 
 
 def _check_objective(cfg: RunConfig, model: ClipModel, objective: Objective, locked: list[Tower]) -> None:
-    if cfg.loss.name == "ce" and "image" in locked:
-        raise ConfigError("loss.name ce: FT-CLIP trains the image tower; unlock it (finetune.lock_image false)")
+    if not objective.uses_text and "image" in locked:
+        raise ConfigError(
+            f"loss.name {cfg.loss.name}: the objective trains the image tower only; unlock it (finetune.lock_image "
+            "false)"
+        )
     if objective.needs_tokens and cfg.train.chunk_size:
         raise ConfigError(
             "loss.name fsc with loss.local_weight > 0 works on whole batches: set train.chunk_size null, or "
             "loss.local_weight 0"
         )
-    if objective.needs_tokens:
-        _probe_tokens(model)
-
-
-def _probe_tokens(model: ClipModel) -> None:
-    """Fail before training, not at the first step, when the towers cannot give FSC-CLIP's token features."""
-    from PIL import Image
-
-    image = model.eval_transform(Image.new("RGB", (64, 64)))[None]
-    try:
-        with torch.no_grad():
-            model.encode_image_tokens(image)
-            model.encode_text_tokens(model.tokenize(["a photo"]))
-    except NotImplementedError as e:
-        raise ConfigError(f"loss.name fsc: {e}") from None
+    if objective.needs_tokens:  # fail before training, not at the first step
+        try:
+            model.check_dense_tokens()
+        except NotImplementedError as e:
+            raise ConfigError(f"loss.name fsc: {e}") from None
 
 
 def _cacheable(cfg: RunConfig, locked: list[Tower], objective: Objective) -> list[Tower]:

@@ -10,10 +10,11 @@ unlocks them, and a later pattern overrides an earlier one. Seed 000's RN50 reci
 Matching rules (ITRA matched raw substrings, so `resblocks.1` also hit `resblocks.10` and `resblocks.11`):
 
 * A parameter's *display name* is its name with the leading wrapper components removed: `module` (DDP), `_orig_mod`
-  (torch.compile), `base` (heads on a model, `cliptune.models.heads`) and `model` (the attribute under which the
-  OpenCLIP and HF backends keep the wrapped library model). The backend's own tower prefixes stay (`visual.`,
-  `text_model.`, `vision_model.`, `image_tower.`, `text_tower.`): the display name is what `trainable_summary` and
-  the error messages show, e.g. `visual.layer4.0.conv1.weight` for OpenCLIP RN50.
+  (torch.compile), and the `containers` each model class declares (`base` for wrappers such as heads, `model` for
+  the attribute under which the OpenCLIP and HF backends keep the library model; `models.base.container_names`).
+  The backend's own tower prefixes stay (`visual.`, `text_model.`, `vision_model.`, `image_tower.`, `text_tower.`):
+  the display name is what `trainable_summary` and the error messages show, e.g. `visual.layer4.0.conv1.weight`
+  for OpenCLIP RN50.
 * A pattern matches when its dotted components occur as consecutive *whole* components anywhere in the display name:
   `layer4` matches `visual.layer4.0.conv1.weight`, `resblocks.1` matches `transformer.resblocks.1.attn.in_proj_weight`
   but never `resblocks.10.…`, and `ln` never matches `ln_1`. The same wrapper components are stripped from the front
@@ -37,13 +38,10 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from cliptune.config import ConfigError, FinetuneConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ENCODERS, TOWERS, ClipModel, Tower, container_names, strip_components
 
 log = logging.getLogger("cliptune")
 
-# Leading name components that belong to wrappers around a model, not to the model's own layout.
-WRAPPER_COMPONENTS = ("module", "_orig_mod", "base", "model")
-TOWERS: tuple[Tower, Tower] = ("image", "text")
 _MAX_GROUPS = 8  # trainable groups listed per partially locked tower in the summary
 
 
@@ -51,16 +49,9 @@ _MAX_GROUPS = 8  # trainable groups listed per partially locked tower in the sum
 # Names and patterns
 
 
-def _strip_wrappers(parts: list[str]) -> list[str]:
-    start = 0
-    while start < len(parts) - 1 and parts[start] in WRAPPER_COMPONENTS:  # never strip the last component
-        start += 1
-    return parts[start:]
-
-
 def display_name(param_name: str) -> str:
     """The name patterns match and summaries show: `param_name` without leading wrapper components."""
-    return ".".join(_strip_wrappers(param_name.split(".")))
+    return strip_components(param_name, container_names())
 
 
 def _contains_run(parts: list[str], run: tuple[str, ...]) -> bool:
@@ -95,13 +86,13 @@ def parse_patterns(value: str, key: str) -> list[Pattern]:
                 f"{key}: pattern {text!r} is malformed; write dotted parameter-name components such as "
                 "`layer4` or `!transformer.resblocks.11`, separated by commas"
             )
-        patterns.append(Pattern(text, tuple(_strip_wrappers(parts)), lock))
+        patterns.append(Pattern(text, tuple(display_name(body).split(".")), lock))
     return patterns
 
 
 def matches(pattern: str, param_name: str) -> bool:
     """Whether one pattern (without `!`) matches a parameter name under the rules above."""
-    return Pattern(pattern, tuple(_strip_wrappers(pattern.split("."))), True).matches(param_name)
+    return Pattern(pattern, tuple(display_name(pattern).split(".")), True).matches(param_name)
 
 
 def _no_match_error(model: ClipModel, key: str, pattern: Pattern, tower: Tower, names: list[str]) -> ConfigError:
@@ -110,7 +101,7 @@ def _no_match_error(model: ClipModel, key: str, pattern: Pattern, tower: Tower, 
         return ConfigError(f"{key}: pattern {pattern.text!r} cannot apply: the model has no {tower}-tower parameters")
     elsewhere = {model.tower_of(n) for n, _ in model.named_parameters() if pattern.matches(n)}
     if elsewhere:  # the right name in the wrong key
-        where = " and ".join(f"the {t} tower" if t in TOWERS else "shared parameters" for t in sorted(elsewhere))
+        where = " and ".join(f"the {t} tower" if t in ENCODERS else "shared parameters" for t in sorted(elsewhere))
         return ConfigError(
             f"{key}: pattern {pattern.text!r} matches no parameter of the {tower} tower, only {where}; patterns act "
             "on their own tower (lock_image_patterns: image, lock_text_patterns: text; shared ones are never locked)"
@@ -181,7 +172,7 @@ def _log_locking(model: ClipModel, plans: dict[str, tuple[dict[str, bool], list[
 def fully_locked_towers(model: ClipModel) -> list[Tower]:
     """Towers that have parameters, none of them trainable."""
     locked: list[Tower] = []
-    for tower in TOWERS:
+    for tower in ENCODERS:
         params = list(model.tower_parameters(tower).values())
         if params and not any(p.requires_grad for p in params):
             locked.append(tower)
@@ -212,7 +203,7 @@ def set_train_mode(model: ClipModel, locked: list[Tower]) -> None:
     for tower in locked:
         for module in model.tower_modules(tower):
             module.eval()
-    for tower in TOWERS:
+    for tower in ENCODERS:
         if tower in locked or not _partially_locked(model, tower):
             continue
         for root in model.tower_modules(tower):
@@ -244,7 +235,7 @@ def trainable_summary(model: ClipModel) -> str:
     """Trainable parameters per tower, as count and share, for the run log; a partially locked tower also lists
     which parameter groups train."""
     lines = []
-    for tower in (*TOWERS, "shared"):
+    for tower in TOWERS:
         params = model.tower_parameters(tower)
         total = sum(p.numel() for p in params.values())
         if not total:

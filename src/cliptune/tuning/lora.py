@@ -14,7 +14,8 @@ Two kinds of adapter, because projections are used in two ways:
   the weight returns W + scale * B @ A (see `WeightLora`). `nn.MultiheadAttention` (OpenCLIP's transformer
   blocks, SigLIP's attention-pooling head) passes its raw `in_proj_weight` (q, k and v stacked, 3d x d) and
   `out_proj.weight` to `F.multi_head_attention_forward` and never calls `out_proj`; OpenCLIP's ResNet `attnpool`
-  does the same with its q/k/v/c_proj Linear weights. The base weight keeps its name and state-dict key; the
+  does the same with its q/k/v/c_proj Linear weights. Which module types read weights, the model says
+  (`ClipModel.weight_readers`). The base weight keeps its name and state-dict key; the
   adapter is `<module>.lora_weights.<weight name>.lora_A` / `.lora_B`. The in-projection gets one rank-`rank`
   adapter per q, k and v (A: 3 x rank x d, B: 3 x d x rank), as separate q/k/v Linears get elsewhere, so a rank
   means the same on every backend. Input dropout cannot be expressed in weight space: `dropout` applies to the
@@ -56,26 +57,13 @@ from torch import nn
 from torch.nn.modules.linear import NonDynamicallyQuantizableLinear
 
 from cliptune.config import LoraConfig
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ENCODERS, ClipModel, Tower
 
 log = logging.getLogger(__name__)
 
-TOWERS: tuple[Tower, ...] = ("image", "text")
 ADAPTER_PREFIX = "lora_"  # every adapter parameter has a dotted name component starting with this
 _TARGETS_KEY = "finetune.lora.targets"
 _IN_PROJ = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
-
-
-def _weight_readers() -> tuple[type[nn.Module], ...]:
-    """Module types that read their child Linears' `.weight` instead of calling them."""
-    readers: list[type[nn.Module]] = [nn.MultiheadAttention]
-    try:
-        from open_clip.modified_resnet import AttentionPool2d
-
-        readers.append(AttentionPool2d)
-    except ImportError:  # pragma: no cover - open_clip is a dependency, but the rule holds without it
-        pass
-    return tuple(readers)
 
 
 class LoraDelta(nn.Module):
@@ -207,15 +195,15 @@ def _check_config(cfg: LoraConfig) -> None:
         raise ValueError(f"finetune.lora.alpha: {cfg.alpha!r} must be > 0")
     if not 0.0 <= cfg.dropout < 1.0:
         raise ValueError(f"finetune.lora.dropout: {cfg.dropout!r} must be in [0, 1)")
-    if not cfg.towers or any(t not in TOWERS for t in cfg.towers):
-        raise ValueError(f"finetune.lora.towers: {cfg.towers!r}; use a non-empty list of {', '.join(TOWERS)}")
+    if not cfg.towers or any(t not in ENCODERS for t in cfg.towers):
+        raise ValueError(f"finetune.lora.towers: {cfg.towers!r}; use a non-empty list of {', '.join(ENCODERS)}")
     if not cfg.targets or any(not str(t).strip(". ") for t in cfg.targets):
         raise ValueError(f"{_TARGETS_KEY}: {cfg.targets!r}; give module-name patterns such as attn, mlp")
 
 
 def _plan(model: ClipModel, cfg: LoraConfig) -> tuple[dict[str, Tower], dict[str, Tower], dict[str, Tower]]:
     """(peft Linear targets, whole MHAs, weight-read Linears), each module name -> its tower."""
-    readers = _weight_readers()
+    readers = model.weight_readers()
     modules = dict(model.named_modules())
     linear: dict[str, Tower] = {}
     mha: dict[str, Tower] = {}
