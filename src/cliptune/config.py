@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,20 @@ class ConfigError(ValueError):
 
 def _choice(default: str, *choices: str, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
+
+
+def _registered(default: str, registry: str, *extra: str, doc: str = "") -> Any:
+    """A name looked up in a registry (`module:TABLE`), so the table is the one list of the allowed names and an
+    extension that adds an entry is accepted here too; `extra` names (such as "none") are allowed besides."""
+    return field(default=default, metadata={"registry": registry, "extra": extra, "doc": doc})
+
+
+def choices_of(f: dataclasses.Field) -> tuple[str, ...]:
+    """The allowed values of a config field: its fixed choices, or the names in its registry now."""
+    if "registry" not in f.metadata:
+        return tuple(f.metadata.get("choices", ()))
+    module, _, table = f.metadata["registry"].partition(":")
+    return (*f.metadata["extra"], *getattr(importlib.import_module(module), table))
 
 
 def _doc(default: Any = dataclasses.MISSING, doc: str = "", **kw: Any) -> Any:
@@ -45,7 +60,7 @@ class TowerConfig:
 @dataclass
 class ModelConfig:
     preset: str | None = _doc(None, "a named whole model spec (see `cliptune models`); explicit keys override it")
-    backend: str = _choice("openclip", "openclip", "hf", "composed", doc="which model family builds the model")
+    backend: str = _registered("openclip", "cliptune.models:BACKENDS", doc="which model family builds the model")
     arch: str = _doc("cliptune-tiny-vit", "openclip: architecture name; hf: hub id or local folder")
     pretrained: str | None = _doc(None, "openclip: pretrained tag or local checkpoint file; null: random init")
     image_tower: TowerConfig | None = _doc(None, "composed backend: the image tower")
@@ -173,7 +188,9 @@ class FinetuneConfig:
         "partial locking, comma-separated: `name` locks, `!name` unlocks (whole dotted components), after lock_image",
     )
     lock_text_patterns: str = _doc("", "the same for the text tower, after lock_text")
-    heads: str = _choice("none", "none", "linear", "mlp", doc="new projection heads on top of the model's embeddings")
+    heads: str = _registered(
+        "none", "cliptune.models.heads:HEADS", "none", doc="new projection heads on top of the model's embeddings"
+    )
     lora: LoraConfig = field(default_factory=LoraConfig)
     prompt_tokens: int = _doc(0, "learnable context vectors after the text start token; 0 turns prompt tuning off")
     ema_decay: float | None = _doc(None, "EMA of the trainable weights, e.g. 0.999; evaluation uses the EMA weights")
@@ -185,14 +202,9 @@ class FinetuneConfig:
 
 @dataclass
 class LossConfig:
-    name: str = _choice(
+    name: str = _registered(
         "clip",
-        "clip",
-        "siglip",
-        "negclip",
-        "fsc",
-        "unicl",
-        "ce",
+        "cliptune.losses:OBJECTIVES",
         doc="training objective: CLIP InfoNCE, SigLIP sigmoid, NegCLIP / FSC-CLIP hard negatives, UniCL label-aware "
         "targets, ce = cross-entropy through a zero-shot-initialised class head (FT-CLIP, data.labelled)",
     )
@@ -377,7 +389,7 @@ def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
             raise _unknown_key(cls, key, prefix)
         full = f"{prefix}.{key}" if prefix else key
         coerced = _coerce(value, hints[key], full)
-        choices = fields[key].metadata.get("choices")
+        choices = choices_of(fields[key])
         if choices and coerced not in choices:
             raise ConfigError(f"{full}: {coerced!r} is not allowed; choose one of {', '.join(choices)}")
         kwargs[key] = coerced
@@ -445,6 +457,30 @@ def _check_ranges(cfg: RunConfig) -> None:
             raise ConfigError(f"optim.{key}: {getattr(cfg.optim, key)!r} must be in (0, 1]")
     if "/" in cfg.name or not cfg.name.strip():
         raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name without '/'")
+
+
+def check_training(cfg: RunConfig) -> None:
+    """The checks across sections that a training run needs, so every config error comes before any model is built:
+    some training data, and what the objective (`cliptune.losses.OBJECTIVES[loss.name]`) asks of data and batches."""
+    if cfg.data.train is None and cfg.data.labelled is None and cfg.data.shards is None:
+        raise ConfigError(
+            "data: no training data configured; set data.train.path (or data.labelled.path, or data.shards)"
+        )
+    from cliptune.losses import OBJECTIVES  # the objective table needs torch: loaded only when a run is checked
+
+    name, spec = cfg.loss.name, OBJECTIVES[cfg.loss.name]
+    if spec.labelled and cfg.data.labelled is None:
+        raise ConfigError(f"loss.name {name}: classification fine-tuning needs data.labelled (a labelled image set)")
+    if spec.tokens(cfg.loss) and cfg.train.chunk_size:
+        raise ConfigError(
+            f"loss.name {name} with its token-level loss (loss.local_weight > 0) works on whole batches: set "
+            "train.chunk_size null, or loss.local_weight 0"
+        )
+    if (spec.negatives or spec.groups) and cfg.data.shards is not None:
+        raise ConfigError(
+            f"loss.name {name}: hard negatives and label-aware targets read a caption table; with "
+            "data.shards use loss.name clip or siglip, or train from data.train"
+        )
 
 
 def _expand_preset(data: dict[str, Any]) -> None:
@@ -522,8 +558,8 @@ def describe(cls: type = RunConfig, prefix: str = "") -> list[tuple[str, str, st
             rows += describe(inner[0], f"{key}[].")
             continue
         doc = f.metadata.get("doc", "")
-        if f.metadata.get("choices"):
-            doc += f" ({', '.join(f.metadata['choices'])})"
+        if choices_of(f):
+            doc += f" ({', '.join(choices_of(f))})"
         rows.append((key, _type_name(tp).replace(" | None", " or null"), _default_text(f), doc))
     return rows
 

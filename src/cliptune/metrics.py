@@ -10,6 +10,13 @@ import torch
 
 # Callers pass numpy arrays, torch tensors or (for index vectors) plain Python sequences.
 ArrayLike = np.ndarray | torch.Tensor | Sequence
+# The one number per eval set: mean recall for retrieval, top-1 accuracy for classification.
+HEADLINE = ("mean_recall", "acc1")
+
+
+def headline(values: dict[str, float]) -> float | None:
+    """An eval set's headline figure (`HEADLINE`), None when its metrics have none."""
+    return next((values[k] for k in HEADLINE if k in values), None)
 
 
 def retrieval(

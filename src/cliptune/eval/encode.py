@@ -6,7 +6,6 @@ input every time, so each image or caption goes through it once per run, not onc
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -20,14 +19,9 @@ from tqdm import tqdm
 from cliptune.data import ImageFiles
 from cliptune.eval.feature_store import FeatureStore, input_key, tower_fingerprint
 from cliptune.models.base import ClipModel, Tower
+from cliptune.utils.precision import autocast
 
 ImageItem = str | Path | Image.Image
-
-
-def autocast(device: torch.device, precision: str) -> contextlib.AbstractContextManager:
-    if precision == "bf16":
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 def model_device(model: ClipModel) -> torch.device:

@@ -12,7 +12,7 @@ Saved as `{"backend": "heads", "heads": kind, "base": base.spec()}` with the bas
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -25,7 +25,6 @@ from cliptune.models.base import ENCODERS, ClipModel, HFExport, OpenClipExport, 
 from cliptune.models.errors import ModelError
 from cliptune.models.wrapper import BASE, WrappedModel
 
-HEAD_KINDS = ("linear", "mlp")
 _PROBE_SIDE = 224  # any size: the base's eval transform resizes the probe image to what its image tower takes
 
 
@@ -44,20 +43,26 @@ class ResidualMLP(nn.Module):
         return x + self.fc2(self.act(self.fc1(x)))
 
 
+def _identity_linear(dim: int) -> nn.Module:
+    head = nn.Linear(dim, dim, bias=False)  # no bias, as CLIP's projections: the output is normalised
+    with torch.no_grad():
+        head.weight.copy_(torch.eye(dim))
+    return head
+
+
+# finetune.heads -> a D -> D head that is the identity at initialisation. A new kind adds one line here.
+HEADS: dict[str, Callable[[int], nn.Module]] = {"linear": _identity_linear, "mlp": ResidualMLP}
+
+
 def check_kind(kind: str) -> None:
-    if kind not in HEAD_KINDS:
-        raise ModelError(f"finetune.heads: {kind!r} is unknown; choose one of {', '.join(HEAD_KINDS)} (or none)")
+    if kind not in HEADS:
+        raise ModelError(f"finetune.heads: {kind!r} is unknown; choose one of {', '.join(HEADS)} (or none)")
 
 
 def make_head(kind: str, dim: int) -> nn.Module:
     """A D -> D head that is the identity at initialisation."""
     check_kind(kind)
-    if kind == "linear":
-        head = nn.Linear(dim, dim, bias=False)  # no bias, as CLIP's projections: the output is normalised
-        with torch.no_grad():
-            head.weight.copy_(torch.eye(dim))
-        return head
-    return ResidualMLP(dim)
+    return HEADS[kind](dim)
 
 
 class HeadedModel(TrunkHeadModel, WrappedModel):

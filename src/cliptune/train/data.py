@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from cliptune.config import ConfigError, RunConfig
+from cliptune.config import RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.data.datasets import NegativeSource
 from cliptune.data.shards import ShardStream
@@ -107,11 +107,7 @@ class TableNegatives:
 
 def shard_stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: World) -> ShardStream:
     """Training samples streamed from webdataset shards, split over ranks and workers."""
-    if objective.needs_negatives or objective.needs_groups:
-        raise ConfigError(
-            f"loss.name {cfg.loss.name}: hard negatives and label-aware targets read a caption table; with "
-            "data.shards use loss.name clip or siglip, or train from data.train"
-        )
+    assert not (objective.needs_negatives or objective.needs_groups)  # `config.check_training` refuses those
     assert cfg.data.shards is not None
     return ShardStream(
         cfg.data.shards,

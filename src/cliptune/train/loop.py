@@ -13,7 +13,6 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from cliptune.eval.encode import autocast
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.train.checkpoint import save_checkpoint
@@ -25,6 +24,7 @@ from cliptune.train.gradcache import chunked_backward
 from cliptune.train.logging import log
 from cliptune.train.setup import Callback, Trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
+from cliptune.utils.precision import autocast
 
 
 def _call(trainer: Trainer, kind: str, *inputs: torch.Tensor) -> Any:

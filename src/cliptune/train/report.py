@@ -6,10 +6,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cliptune.metrics import headline
 from cliptune.train.logging import TRAIN_LOG_FILE, evaluations, read_jsonl
 from cliptune.utils.files import atomic_write
-
-HEADLINE = ("mean_recall", "acc1")
 
 
 def write_results(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
@@ -58,7 +57,7 @@ def plot_curves(run_dir: Path, evals: dict[int, dict[str, dict[str, float]]]) ->
         ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps])
     ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
     for name in sorted({n for per_set in evals.values() for n in per_set}):
-        points = [(e, _headline(evals[e][name])) for e in sorted(evals) if name in evals[e]]
+        points = [(e, headline(evals[e][name])) for e in sorted(evals) if name in evals[e]]
         points = [(e, v) for e, v in points if v is not None]
         if points:
             ax_eval.plot(*zip(*points), marker="o", label=name)
@@ -69,7 +68,3 @@ def plot_curves(run_dir: Path, evals: dict[int, dict[str, dict[str, float]]]) ->
     with atomic_write(run_dir / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
-
-
-def _headline(values: dict[str, float]) -> float | None:
-    return next((values[k] for k in HEADLINE if k in values), None)

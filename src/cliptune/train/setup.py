@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +31,7 @@ from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentL
 from cliptune.train.optim import build_optimizer, build_scheduler
 from cliptune.tuning.ema import EMA
 from cliptune.tuning.locking import apply_locking, fully_locked_towers
-from cliptune.tuning.lora import apply_lora
-from cliptune.tuning.strategies import changing_state, keep_prompts_trainable, lora_towers, save_initial_state, wrap
+from cliptune.tuning.strategies import adapt, adapted_towers, after_locking, changing_state, save_initial_state, wrap
 from cliptune.tuning.wise import INITIAL_FILE
 
 Callback = Callable[["Trainer"], None]
@@ -60,8 +59,12 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-@dataclass
+@dataclass(kw_only=True)
 class Trainer:
+    """What a run trains with. Everything is fixed when the run is set up except the step state: `state` (epoch and
+    step, saved in checkpoints), `skipped_samples`, and the weights inside `model`, `optimizer`, `scheduler`, `ema`."""
+
+    # fixed for the run
     cfg: RunConfig
     run_dir: Path
     model: ClipModel
@@ -74,12 +77,13 @@ class Trainer:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     steps_per_epoch: int
-    state: TrainState
     log: RunLog | SilentLog
     module: TrainModule
     forward: Callable[..., Any]  # `module`, or its DDP wrapper, possibly compiled: what a step calls
     where: World = SINGLE
     ema: EMA | None = None
+    # the step state
+    state: TrainState = field(default_factory=TrainState)
     skipped_samples: int = 0
 
     def __post_init__(self) -> None:
@@ -173,20 +177,20 @@ def _prepare_model(cfg: RunConfig, resuming: bool, where: World) -> tuple[ClipMo
     """Build, lock and adapt the model; a fresh run also records its starting weights for WiSE-FT."""
     model = _build_model(cfg, cfg.run_dir, resuming, where)
     apply_locking(model, cfg.finetune)
-    keep_prompts_trainable(model)
+    after_locking(model, cfg.finetune)
     if not OBJECTIVES[cfg.loss.name].uses_text:  # FT-CLIP trains the image tower and the head only
         for param in model.tower_parameters("text").values():
             param.requires_grad_(False)
-    lora = lora_towers(model, cfg.finetune.lora) if cfg.finetune.lora.rank else None
     if not resuming and where.main:
-        save_initial_state(changing_state(model, lora.towers if lora else []), cfg.run_dir / INITIAL_FILE)
-    if lora is not None:
-        apply_lora(model, lora)
+        adapted = adapted_towers(model, cfg.finetune)
+        save_initial_state(changing_state(model, adapted), cfg.run_dir / INITIAL_FILE)
+    adapt(model, cfg.finetune)
     return model, fully_locked_towers(model)
 
 
 def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     """Everything a run needs, with every input checked before the first step."""
+    config_mod.check_training(cfg)
     where, device = _process(cfg)
     train_table, labels = training_table(cfg)
     suite = EvalSuite.from_config(cfg.eval)
@@ -215,34 +219,30 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where)
     module = TrainModule(model, objective, locked, encoding.cached)
     return Trainer(
-        cfg,
-        cfg.run_dir,
-        model,
-        locked,
-        device,
-        train_table,
-        dataset,
-        encoding,
-        suite,
-        optimizer,
-        scheduler,
-        steps,
-        state,
-        RunLog(cfg.run_dir) if where.main else SilentLog(),
-        module,
-        _forward(cfg, module, device, where),
-        where,
-        ema,
-        rest.get("skipped_samples", 0),
+        cfg=cfg,
+        run_dir=cfg.run_dir,
+        model=model,
+        locked=locked,
+        device=device,
+        train_table=train_table,
+        dataset=dataset,
+        encoding=encoding,
+        suite=suite,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        steps_per_epoch=steps,
+        log=RunLog(cfg.run_dir) if where.main else SilentLog(),
+        module=module,
+        forward=_forward(cfg, module, device, where),
+        where=where,
+        ema=ema,
+        state=state,
+        skipped_samples=rest.get("skipped_samples", 0),
     )
 
 
 def _process(cfg: RunConfig) -> tuple[World, torch.device]:
     """This process's place in a torchrun job (or the only process) and the device it trains on."""
-    if cfg.data.train is None and cfg.data.labelled is None and cfg.data.shards is None:
-        raise ConfigError(
-            "data: no training data configured; set data.train.path (or data.labelled.path, or data.shards)"
-        )
     device = resolve_device(cfg.runtime.device)
     where = init_distributed(device)
     check_batch(cfg.train.batch_size, where)
@@ -257,16 +257,11 @@ def _check_objective(cfg: RunConfig, model: ClipModel, objective: Objective, loc
             f"loss.name {cfg.loss.name}: the objective trains the image tower only; unlock it (finetune.lock_image "
             "false)"
         )
-    if objective.needs_tokens and cfg.train.chunk_size:
-        raise ConfigError(
-            "loss.name fsc with loss.local_weight > 0 works on whole batches: set train.chunk_size null, or "
-            "loss.local_weight 0"
-        )
     if objective.needs_tokens:  # fail before training, not at the first step
         try:
             model.check_dense_tokens()
         except NotImplementedError as e:
-            raise ConfigError(f"loss.name fsc: {e}") from None
+            raise ConfigError(f"loss.name {cfg.loss.name}: {e}") from None
 
 
 def _cacheable(cfg: RunConfig, locked: list[Tower], objective: Objective) -> list[Tower]:

@@ -21,9 +21,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from cliptune.metrics import headline
 from cliptune.models.base import ClipModel
 from cliptune.models.io import load_model, save_model
-from cliptune.train.report import HEADLINE
 from cliptune.utils.files import atomic_write
 
 log = logging.getLogger("cliptune")
@@ -135,11 +135,6 @@ def sweep(model: ClipModel, initial: dict[str, torch.Tensor], alphas: Iterable[f
 
 # ---------------------------------------------------------------------------------------------------------------
 # Reporting
-
-
-def headline(values: dict[str, float]) -> float | None:
-    """The one number per eval set: mean recall for retrieval, top-1 accuracy for classification."""
-    return next((values[k] for k in HEADLINE if k in values), None)
 
 
 def _headlines(results: Results) -> str:

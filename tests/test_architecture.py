@@ -1,0 +1,89 @@
+"""The package's shape, checked: one list per set of names, dependencies pointing down, library knowledge in models/."""
+
+import ast
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from cliptune import config
+from cliptune.data import negatives
+from cliptune.losses import OBJECTIVES
+from cliptune.models import BACKENDS, WRAPPERS, composed, heads
+
+SRC = Path(config.__file__).parent
+
+
+def _field(cls: type, name: str) -> dataclasses.Field:
+    return next(f for f in dataclasses.fields(cls) if f.name == name)
+
+
+def test_config_choices_are_the_registries():
+    assert config.choices_of(_field(config.ModelConfig, "backend")) == tuple(BACKENDS)
+    assert config.choices_of(_field(config.LossConfig, "name")) == tuple(OBJECTIVES)
+    assert config.choices_of(_field(config.FinetuneConfig, "heads")) == ("none", *heads.HEADS)
+    # fixed lists that a test keeps equal to their owner's
+    assert config.choices_of(_field(config.ModelConfig, "head")) == tuple(composed.HEADS)
+    assert config.choices_of(_field(config.LossConfig, "tagger")) == negatives.TAGGERS
+    assert tuple(config.LossConfig().negative_kinds) == negatives.KINDS
+    assert not set(WRAPPERS) & set(BACKENDS)  # wrappers are no backends one could build from a config
+
+
+def test_an_unregistered_name_is_a_config_error_listing_the_registry():
+    with pytest.raises(config.ConfigError, match=r"model\.backend: 'nope' is not allowed; choose one of openclip"):
+        config.build({"model": {"backend": "nope"}})
+    with pytest.raises(config.ConfigError, match=r"loss\.name: 'nope' is not allowed; choose one of clip, siglip"):
+        config.build({"loss": {"name": "nope"}})
+
+
+@pytest.mark.parametrize(
+    ("sections", "message"),
+    [
+        ({}, "no training data configured"),
+        ({"data": {"train": "x.csv"}, "loss": {"name": "ce"}}, "data.labelled"),
+        ({"data": {"train": "x.csv"}, "loss": {"name": "fsc"}, "train": {"chunk_size": 4}}, "train.chunk_size"),
+        ({"data": {"shards": "x"}, "loss": {"name": "unicl"}}, "data.shards"),
+    ],
+)
+def test_cross_field_errors_come_from_config_validation(sections, message):
+    """Reported by `config.check_training` from the config alone: no model, file or data is touched."""
+    with pytest.raises(config.ConfigError, match=message):
+        config.check_training(config.build(sections))
+
+
+def _imports(path: Path) -> set[str]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.ImportFrom) and node.module:
+            found.add(node.module)
+        elif isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+    return found
+
+
+@pytest.mark.parametrize("package", ["models", "data", "losses", "tuning", "eval"])
+def test_lower_packages_never_import_train(package):
+    for path in (SRC / package).rglob("*.py"):
+        assert not any(m.startswith("cliptune.train") for m in _imports(path)), path
+
+
+def test_model_libraries_are_used_in_models_only():
+    """open_clip, timm, transformers and torchvision models are the backends' business (the CLI lists archs)."""
+    libraries = ("open_clip", "timm", "transformers", "efficientnet_lite_pytorch")
+    for path in SRC.rglob("*.py"):
+        if path.parent.name == "models" or path.name == "cli.py":
+            continue
+        used = {m for m in _imports(path) if m.split(".")[0] in libraries}
+        assert not used, f"{path.relative_to(SRC)} imports {used}"
+
+
+def test_importing_the_lower_packages_loads_no_training_code():
+    code = (
+        "import sys, cliptune.models, cliptune.data, cliptune.losses, cliptune.eval, cliptune.tuning.strategies, "
+        "cliptune.tuning.param_groups, cliptune.tuning.lora, cliptune.tuning.wise, cliptune.tuning.ema;"
+        "print(sorted(m for m in sys.modules if m.startswith('cliptune.train')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
