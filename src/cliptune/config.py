@@ -118,7 +118,7 @@ class ZeroShotSpec:
 
 @dataclass
 class CompositionalitySpec:
-    """Images with a true caption and false ones (SugarCrepe / ARO form); build one with `cliptune negatives`."""
+    """Images with a true caption and false ones (SugarCrepe / ARO form); build one with `cliptune compositionality`."""
 
     path: str = _doc(doc="CSV, TSV or JSONL with columns image, caption, negatives")
     name: str = _doc("", "name used in metrics and results (defaults to the file stem)")
