@@ -25,11 +25,12 @@ from tqdm import tqdm
 
 from cliptune.data import DataError
 from cliptune.data.images import log_skipped, to_rgb
-from cliptune.eval.encode import autocast, model_device
+from cliptune.eval.encode import model_device
 from cliptune.index import ann, store
 from cliptune.index.sources import Item, Source, file_key, open_item, read_source
 from cliptune.models import ClipModel
 from cliptune.utils.files import atomic_write
+from cliptune.utils.precision import autocast
 
 logger = logging.getLogger("cliptune.index")
 
