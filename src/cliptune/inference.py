@@ -5,7 +5,6 @@ Inference never imports training code, so serving a model stays light.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -17,8 +16,10 @@ from PIL import Image
 from cliptune.config import ModelConfig
 from cliptune.config import build as build_config
 from cliptune.eval.encode import encode_images, encode_texts
-from cliptune.models import ClipModel, ModelError, build_model, load_model, rebuild
+from cliptune.models import ClipModel, ModelError, build_model, load_model
+from cliptune.models.io import SPEC_FILE, rebuild_from
 from cliptune.models.presets import PRESETS
+from cliptune.utils.paths import inside
 
 ImageInput = str | Path | Image.Image
 
@@ -42,23 +43,25 @@ class Encoder:
 
 
 def _from_run_dir(folder: Path) -> ClipModel:
-    if (folder / "model.json").is_file():
+    if (folder / SPEC_FILE).is_file():
         return load_model(folder)
-    if (folder / "model" / "model.json").is_file():
-        return load_model(folder / "model")
+    if (folder / "model" / SPEC_FILE).is_file():
+        return load_model(inside(folder, "model", str(folder)))
     from cliptune.export import read_export  # exported open_clip / hf folders load back
 
     exported = read_export(folder)
     if exported is not None:
         return exported
-    from safetensors.torch import load_file
+    # An interrupted run has no final model yet: its newest epoch checkpoint. The checkpoint format has one reader,
+    # train/checkpoint.py (torch, safetensors and json only), imported here and only for this case.
+    from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint, load_weights
 
-    # An interrupted run has no final model yet: fall back to its newest epoch checkpoint.
-    latest = folder / "checkpoints" / "latest"
-    assets = folder / "model_assets"
-    if latest.is_file() and (assets / "model.json").is_file():
-        model = rebuild(json.loads((assets / "model.json").read_text()), assets)
-        model.load_state_dict(load_file(str(folder / "checkpoints" / latest.read_text().strip() / "model.safetensors")))
+    assets = inside(folder, "model_assets", str(folder))
+    checkpoints = checkpoint_folder(folder)
+    latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None
+    if latest is not None and (assets / SPEC_FILE).is_file():
+        model = rebuild_from(inside(assets, SPEC_FILE, str(assets)), assets)
+        load_weights(latest, model)
         return model.eval()
     raise ModelError(
         f"{folder} is not a run directory, saved model or exported open_clip / hf folder (no model/model.json, "

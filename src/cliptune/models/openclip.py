@@ -5,9 +5,12 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import math
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from pickle import UnpicklingError  # to name the refusal of a weights file that is not tensors only
 from typing import Any
 
 import open_clip
@@ -318,7 +321,30 @@ def build(cfg: ModelConfig) -> OpenClipModel:
 
 def rebuild(spec: dict[str, Any], folder: Path | None = None) -> OpenClipModel:
     """The architecture a saved `spec()` describes, random-initialised: the saved weights are loaded after."""
+    _check_preprocess(spec.get("preprocess") or {})
     return create(spec["arch"], None, quick_gelu=spec.get("quick_gelu", False), preprocess=spec.get("preprocess"))
+
+
+# What open_clip's image_transform accepts (it asserts these, which would surface as a bare AssertionError).
+_PREPROCESS_CHOICES = {
+    "interpolation": ("bicubic", "bilinear", "random"),
+    "resize_mode": ("shortest", "longest", "squash"),
+}
+
+
+def _check_preprocess(pre: dict[str, Any]) -> None:
+    for key, choices in _PREPROCESS_CHOICES.items():
+        if key in pre and pre[key] not in choices:
+            raise ModelError(f"field preprocess.{key} is {pre[key]!r}; it must be one of {', '.join(choices)}")
+    for key in ("mean", "std"):
+        value = pre.get(key)
+        numbers = isinstance(value, list) and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value
+        )
+        if key in pre and not (numbers and len(value) == 3 and all(math.isfinite(v) for v in value)):
+            raise ModelError(f"field preprocess.{key} is {value!r}; it must be a list of 3 finite numbers")
+        if key == "std" and numbers and any(v <= 0 for v in value):
+            raise ModelError(f"field preprocess.std is {value!r}; every value must be > 0")
 
 
 def create(
@@ -338,10 +364,15 @@ def create(
         kwargs["force_quick_gelu"] = True
     try:
         # open_clip warns on the root logger that a model without `pretrained` is random: that is what was asked.
-        with _root_log_level(logging.ERROR if pretrained is None else logging.root.level):
+        with _root_log_level(logging.ERROR if pretrained is None else logging.root.level), _weights_only():
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(
                 arch, pretrained=str(Path(pretrained).expanduser()) if _is_file(pretrained) else pretrained, **kwargs
             )
+    except UnpicklingError as e:
+        raise ModelError(
+            f"{arch}:{pretrained}: the checkpoint holds more than tensors (a pickle that could run code), so it is "
+            f"refused ({str(e).splitlines()[0]}). Convert it to .safetensors where you trust it"
+        ) from None
     except (OSError, RuntimeError) as e:
         # Offline, open_clip raises OSError subclasses or a RuntimeError("Failed to download ...").
         if isinstance(e, RuntimeError) and "download" not in str(e).lower():
@@ -392,6 +423,20 @@ def _output_tokens(visual: VisionTransformer) -> Iterator[None]:
         yield
     finally:
         visual.output_tokens = previous
+
+
+@contextmanager
+def _weights_only() -> Iterator[None]:
+    """Every torch.load inside open_clip reads tensors only, even its fallback call that passes no weights_only."""
+    saved = {k: os.environ.pop(k, None) for k in ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            os.environ.pop(key, None)
+            if value is not None:
+                os.environ[key] = value
 
 
 @contextmanager

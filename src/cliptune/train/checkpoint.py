@@ -1,23 +1,49 @@
-"""Epoch checkpoints written atomically: weights as safetensors, optimizer/scheduler/RNG/data-order state beside."""
+"""Epoch checkpoints: the one writer and reader of everything a checkpoint holds, with no pickle anywhere.
+
+A checkpoint is a folder `checkpoints/epoch_N/` written in one rename:
+- `model.safetensors`: the model's weights;
+- `state.safetensors`: every other tensor an exact resume needs (optimizer moments, EMA shadow, RNG states, ...);
+- `state.json`: the rest (epoch, step, scheduler, hyper-parameters, Python/numpy RNG), tensors named by key.
+`checkpoints/latest` names the newest folder. Reading never unpickles (safetensors and JSON cannot run code) and never
+follows `latest` or a link out of the run's `checkpoints/` folder.
+"""
 
 from __future__ import annotations
 
+import json
 import random
 import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cliptune.models.io import state_for_saving
+from cliptune.models.errors import ModelError
+from cliptune.models.io import load_weights_file, state_for_saving
 from cliptune.utils.files import atomic_dir, atomic_write
+from cliptune.utils.paths import inside
 
+if TYPE_CHECKING:
+    from cliptune.train.setup import Trainer
+
+CHECKPOINTS = "checkpoints"
 LATEST = "latest"
+WEIGHTS, STATE_JSON, STATE_TENSORS = "model.safetensors", "state.json", "state.safetensors"
+FORMAT = 2  # 1 was a pickled state.pt, refused on read
 _EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+# JSON cannot say "tensor", "tuple" or "dict with int keys" (optimizer state is keyed by parameter index): tagged
+# objects do. Nested state with tensors is what torch.save pickles; safetensors holds flat tensors only, so this small
+# codec is what lets the two safe formats replace it.
+_TENSOR, _TUPLE, _ITEMS, _ARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: truncated, foreign, from an older format, or pointing outside its run."""
 
 
 @dataclass
@@ -36,47 +62,200 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def save_checkpoint(
-    folder: Path, model: torch.nn.Module, trainer_state: dict[str, Any], state: TrainState, keep: int
-) -> Path:
-    """Write `folder/epoch_{state.epoch}` in one rename, point `latest` at it and prune the oldest."""
+# ---------------------------------------------------------------------------------------------------------------
+# Nested state <-> (JSON, flat tensors)
+
+
+def _split(value: Any, tensors: dict[str, torch.Tensor], where: str) -> Any:
+    """`value` as JSON-able data; its tensors move to `tensors` under their path, replaced by a tagged reference."""
+    if isinstance(value, torch.Tensor):
+        tensors[where] = value.detach().cpu().contiguous().clone()  # clones: safetensors refuses shared storage
+        return {_TENSOR: where}
+    if isinstance(value, np.ndarray):
+        return {_ARRAY: value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (list, tuple)):
+        items = [_split(v, tensors, f"{where}.{i}") for i, v in enumerate(value)]
+        return {_TUPLE: items} if isinstance(value, tuple) else items
+    if isinstance(value, dict):
+        plain = all(isinstance(k, str) and not k.startswith("__") for k in value)
+        if plain:
+            return {k: _split(v, tensors, f"{where}.{k}") for k, v in value.items()}
+        return {_ITEMS: [[_split(k, tensors, where), _split(v, tensors, f"{where}.{k}")] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"checkpoint state {where}: {type(value).__name__} cannot be stored (tensors and plain data only)")
+
+
+def _join(node: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
+    """Inverse of `_split`: tagged references back to tensors, tuples, arrays and non-string keys."""
+    if isinstance(node, list):
+        return [_join(v, tensors, source) for v in node]
+    if not isinstance(node, dict):
+        return node
+    if _TENSOR in node:
+        if node[_TENSOR] not in tensors:
+            raise CheckpointError(f"{source}: tensor {node[_TENSOR]!r} is missing from {STATE_TENSORS}")
+        return tensors[node[_TENSOR]]
+    if _TUPLE in node:
+        return tuple(_join(v, tensors, source) for v in node[_TUPLE])
+    if _ARRAY in node:
+        return np.asarray(node[_ARRAY], dtype=np.dtype(node["dtype"]))
+    if _ITEMS in node:
+        return {_join(k, tensors, source): _join(v, tensors, source) for k, v in node[_ITEMS]}
+    return {k: _join(v, tensors, source) for k, v in node.items()}
+
+
+def write_state(folder: Path, payload: dict[str, Any]) -> None:
+    tensors: dict[str, torch.Tensor] = {}
+    data = {"format": FORMAT, **_split(payload, tensors, "state")}
+    save_file(tensors, str(folder / STATE_TENSORS))
+    (folder / STATE_JSON).write_text(json.dumps(data))
+
+
+def read_state(folder: Path) -> dict[str, Any]:
+    """The payload `write_state` wrote; a checkpoint from the pickle era or a damaged one is a CheckpointError."""
+    json_path, tensor_path = folder / STATE_JSON, folder / STATE_TENSORS
+    if not json_path.is_file() and (folder / "state.pt").exists():
+        raise CheckpointError(
+            f"{folder}: this checkpoint keeps its state in state.pt, a pickle written by an older cliptune; pickles "
+            "can run code, so cliptune no longer reads them. Start the run again under a new `name` (its exported "
+            "model/ folder, if any, still loads)"
+        )
+    for path in (json_path, tensor_path):
+        if not path.is_file():
+            raise CheckpointError(f"{folder}: {path.name} is missing; this is not a complete cliptune checkpoint")
+    try:
+        data = json.loads(json_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{json_path}: not valid JSON ({e}); the checkpoint is damaged") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        found = data.get("format") if isinstance(data, dict) else None
+        raise CheckpointError(
+            f"{json_path}: checkpoint format {found!r}, expected {FORMAT}; not a checkpoint this cliptune wrote"
+        )
+    payload = _join({k: v for k, v in data.items() if k != "format"}, _read_tensors(tensor_path), json_path)
+    missing = [k for k in ("epoch", "step", "rng") if k not in payload]
+    if missing:
+        raise CheckpointError(f"{json_path}: missing {', '.join(missing)}; the checkpoint is damaged")
+    return payload
+
+
+def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e}); it is truncated or foreign") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Writing
+
+
+def checkpoint_folder(run_dir: Path) -> Path:
+    return run_dir / CHECKPOINTS
+
+
+def training_state(trainer: Trainer) -> dict[str, Any]:
+    """Everything besides the weights and RNG that makes a resumed run continue exactly."""
+    return {
+        "optimizer": trainer.optimizer.state_dict(),
+        "scheduler": trainer.scheduler.state_dict(),
+        "skipped_samples": trainer.skipped_samples,
+        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
+        "objective": trainer.objective.state_dict(),
+    }
+
+
+def save_checkpoint(trainer: Trainer) -> Path:
+    """Write `checkpoints/epoch_{epoch}` in one rename, point `latest` at it and prune the oldest."""
+    folder, state = checkpoint_folder(trainer.run_dir), trainer.state
     target = folder / f"epoch_{state.epoch}"
     with atomic_dir(target) as tmp:
-        save_file(state_for_saving(model), str(tmp / "model.safetensors"))
-        payload = {"epoch": state.epoch, "step": state.step, "rng": rng_state(), **trainer_state}
-        torch.save(payload, tmp / "state.pt")
+        save_file(state_for_saving(trainer.model), str(tmp / WEIGHTS))
+        write_state(tmp, {"epoch": state.epoch, "step": state.step, "rng": rng_state(), **training_state(trainer)})
     with atomic_write(folder / LATEST) as tmp:
         tmp.write_text(target.name)
-    for old in list_checkpoints(folder)[:-keep]:
+    for old in list_checkpoints(folder)[: -trainer.cfg.train.keep_checkpoints]:
         shutil.rmtree(old)
     return target
 
 
+# ---------------------------------------------------------------------------------------------------------------
+# Finding and reading
+
+
 def list_checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("epoch_*") if p.is_dir() and _EPOCH_DIR.match(p.name)]
+    found = [p for p in folder.glob("epoch_*") if _EPOCH_DIR.match(p.name) and p.is_dir()]
+    for path in found:
+        inside(folder, path.name, f"{folder}: checkpoint {path.name}")
     return sorted(found, key=lambda p: int(_EPOCH_DIR.match(p.name).group(1)))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
+    """The folder `latest` names (it must be an `epoch_N` inside `folder`), else the newest one found."""
     pointer = folder / LATEST
-    if pointer.is_file() and (folder / pointer.read_text().strip()).is_dir():
-        return folder / pointer.read_text().strip()
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
+        if not _EPOCH_DIR.match(name):
+            raise CheckpointError(f"{pointer}: names {name!r}, not an epoch_N folder; delete it to use the newest")
+        if inside(folder, name, str(pointer)).is_dir():
+            return folder / name
     found = list_checkpoints(folder)
     return found[-1] if found else None
 
 
+def load_weights(path: Path, model: torch.nn.Module) -> None:
+    """Load `path/model.safetensors` into `model`; a missing, damaged or foreign file is a CheckpointError."""
+    weights = inside(path, WEIGHTS, f"{path}: weights")
+    if not weights.is_file():
+        raise CheckpointError(f"{path}: {WEIGHTS} is missing; this is not a complete cliptune checkpoint")
+    try:
+        load_weights_file(weights, model, "the run's model_assets/model.json")
+    except ModelError as e:
+        raise CheckpointError(f"{e}; resume with the run's own config.yaml, or start a new `name`") from None
+
+
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[TrainState, dict[str, Any]]:
-    """Restore weights and RNG; return the train state and the rest (optimizer, scheduler, ...) for the caller."""
-    model.load_state_dict(load_file(str(path / "model.safetensors")))
-    # weights_only=False: the payload holds Python and numpy RNG states, which we wrote ourselves.
-    payload = torch.load(path / "state.pt", map_location="cpu", weights_only=False)
-    set_rng_state(payload.pop("rng"))
-    state = TrainState(epoch=payload.pop("epoch"), step=payload.pop("step"))
+    """Restore weights and RNG; return the train state and the rest for `restore_training` once it is built."""
+    payload = read_state(path)
+    load_weights(path, model)
+    try:
+        set_rng_state(payload.pop("rng"))
+        state = TrainState(epoch=int(payload.pop("epoch")), step=int(payload.pop("step")))
+    except (TypeError, ValueError, KeyError, RuntimeError) as e:
+        raise CheckpointError(f"{path / STATE_JSON}: damaged progress or RNG state ({e})") from None
     return state, payload
+
+
+def restore_training(
+    rest: dict[str, Any],
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    ema: Any | None,
+    objective: torch.nn.Module,
+    source: Path,
+) -> int:
+    """Load what `training_state` saved into the freshly built objects; return the count of skipped samples."""
+    try:
+        optimizer.load_state_dict(rest["optimizer"])
+        scheduler.load_state_dict(rest["scheduler"])
+        if ema is not None:
+            ema.load_state_dict(rest["ema"])
+        if rest.get("objective"):
+            objective.load_state_dict(rest["objective"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as e:
+        raise CheckpointError(
+            f"{source}: its optimizer / EMA / objective state does not fit this run ({e}); resume with the run's "
+            "own config.yaml or start a new `name`"
+        ) from None
+    return int(rest.get("skipped_samples", 0))

@@ -176,21 +176,9 @@ def _checkpoint(trainer: Trainer) -> None:
         barrier(trainer.where)
         return
     try:
-        _save(trainer)
+        save_checkpoint(trainer)
     finally:
         barrier(trainer.where)
-
-
-def _save(trainer: Trainer) -> None:
-    extra = {
-        "optimizer": trainer.optimizer.state_dict(),
-        "scheduler": trainer.scheduler.state_dict(),
-        "skipped_samples": trainer.skipped_samples,
-        "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
-        "objective": trainer.objective.state_dict(),
-    }
-    folder, keep = trainer.run_dir / "checkpoints", trainer.cfg.train.keep_checkpoints
-    save_checkpoint(folder, trainer.model, extra, trainer.state, keep)
 
 
 def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:

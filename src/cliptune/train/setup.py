@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,9 +20,16 @@ from cliptune.eval.encode import Encoding
 from cliptune.eval.feature_store import FeatureStore
 from cliptune.inference import load_any
 from cliptune.losses.objective import OBJECTIVES, Objective
-from cliptune.models import ClipModel, build_model, rebuild
+from cliptune.models import ClipModel, build_model
 from cliptune.models.base import Tower
-from cliptune.train.checkpoint import TrainState, latest_checkpoint, load_checkpoint
+from cliptune.models.io import SPEC_FILE, rebuild_from, write_spec
+from cliptune.train.checkpoint import (
+    TrainState,
+    checkpoint_folder,
+    latest_checkpoint,
+    load_checkpoint,
+    restore_training,
+)
 from cliptune.train.data import shard_stream, steps_per_epoch, train_dataset, training_table
 from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
@@ -128,7 +134,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, where: World = SINGLE) -> Path
     """Create the run directory (main process); return the checkpoint to resume from, if any."""
     if not where.main:  # the main process checks and writes; the others read what it decided
         barrier(where)
-        found = latest_checkpoint(cfg.run_dir / "checkpoints")
+        found = latest_checkpoint(checkpoint_folder(cfg.run_dir))
         return found if resume else None
     try:
         return _prepare_run_dir(cfg, resume)
@@ -138,7 +144,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, where: World = SINGLE) -> Path
 
 def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
     run_dir = cfg.run_dir
-    checkpoint = latest_checkpoint(run_dir / "checkpoints") if run_dir.is_dir() else None
+    checkpoint = latest_checkpoint(checkpoint_folder(run_dir)) if run_dir.is_dir() else None
     if checkpoint is not None and not resume:
         raise ConfigError(
             f"{run_dir} already holds a run with checkpoints: pass --resume to continue it, or set another `name`"
@@ -158,9 +164,9 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
 def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) -> ClipModel:
     """The architecture to train: pretrained (or `model.init`) weights, wrapped with heads / prompts if asked."""
     assets = run_dir / "model_assets"
-    if resuming and (assets / "model.json").is_file():
+    if resuming and (assets / SPEC_FILE).is_file():
         # The checkpoint holds every weight: rebuild the architecture without fetching pretrained weights again.
-        return rebuild(json.loads((assets / "model.json").read_text()), assets)
+        return rebuild_from(assets / SPEC_FILE, assets)
     model = load_any(cfg.model.init) if cfg.model.init else build_model(cfg.model)
     model = wrap(model, cfg.finetune)
     prepare = OBJECTIVES[cfg.loss.name].prepare
@@ -169,7 +175,7 @@ def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) ->
     if where.main:
         assets.mkdir(parents=True, exist_ok=True)
         model.save_assets(assets)
-        (assets / "model.json").write_text(json.dumps(model.spec(), indent=2))
+        write_spec(model, assets)
     return model
 
 
@@ -215,8 +221,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     optimizer = build_optimizer(model, cfg.optim, dict(objective.named_parameters()))
     steps = steps_per_epoch(cfg, dataset, where)
     scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs)
-    if checkpoint:
-        _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where)
+    skipped = _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where) if checkpoint else 0
     module = TrainModule(model, objective, locked, encoding.cached)
     return Trainer(
         cfg=cfg,
@@ -237,7 +242,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         where=where,
         ema=ema,
         state=state,
-        skipped_samples=rest.get("skipped_samples", 0),
+        skipped_samples=skipped,
     )
 
 
@@ -309,14 +314,10 @@ def _restore(
     ema: EMA | None,
     objective: Objective,
     where: World,
-) -> None:
-    optimizer.load_state_dict(rest["optimizer"])
-    scheduler.load_state_dict(rest["scheduler"])
-    if ema is not None:
-        ema.load_state_dict(rest["ema"])
-    if rest.get("objective"):
-        objective.load_state_dict(rest["objective"])
+) -> int:
+    skipped = restore_training(rest, optimizer, scheduler, ema, objective, checkpoint)
     if where.main:
         for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):
             truncate_after(path, state.epoch)
     log.info("resumed from %s (epoch %d, step %d)", checkpoint, state.epoch, state.step)
+    return skipped
