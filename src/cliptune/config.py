@@ -6,9 +6,11 @@ any work starts, and the resolved config written into a run directory loads back
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import importlib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -354,14 +356,17 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
-            try:
-                return float(value)
-            except ValueError:
-                pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" (no dot) as a string
+            with contextlib.suppress(ValueError):
+                number = float(value)
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if tp is str:
         if isinstance(value, str):
             return value
@@ -373,7 +378,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
     names = [f.name for f in dataclasses.fields(cls)]
-    close = difflib.get_close_matches(key, names, n=3)
+    close = difflib.get_close_matches(str(key), names, n=3)
     hint = f"; did you mean {', '.join(close)}?" if close else ""
     where = f"{prefix}.{key}" if prefix else key
     return ConfigError(f"unknown config key {where!r}{hint} (allowed: {', '.join(names)})")
@@ -419,11 +424,20 @@ def to_dict(cfg: Any) -> Any:
 
 
 def apply_override(data: dict[str, Any], override: str) -> None:
-    """Apply `a.b.c=value` to nested plain data; the value is parsed as YAML and typed later by the dataclass."""
+    """Apply `a.b.c=value` to nested plain data; the value is read as the type of the field it sets.
+
+    A string field takes the text as written (`finetune.lock_image_patterns=!attnpool,!layer4` needs no quotes);
+    numbers and booleans are read as YAML scalars; a list takes `[a, b]` or `a,b`; a section takes `{k: v}`.
+    """
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like key=value, e.g. optim.lr=1e-4")
     dotted, raw = override.split("=", 1)
     parts = dotted.strip().split(".")
+    try:
+        tp = _field_type(parts)
+        value = _parse_override(raw, tp, ".".join(parts))
+    except ConfigError as e:
+        raise ConfigError(f"override {override!r}: {e}") from None
     node = data
     for part in parts[:-1]:
         child = node.get(part)
@@ -432,7 +446,61 @@ def apply_override(data: dict[str, Any], override: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"override {override!r}: {part!r} is not a section")
         node = child
-    node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    node[parts[-1]] = value
+
+
+def _dataclass_in(tp: Any) -> type | None:
+    """The dataclass a field holds (directly or as `X | None`), else None."""
+    if dataclasses.is_dataclass(tp):
+        return tp
+    inner = [a for a in typing.get_args(tp) if dataclasses.is_dataclass(a)]
+    return inner[0] if inner and typing.get_origin(tp) is not list else None
+
+
+def _field_type(parts: list[str]) -> Any:
+    cls: type | None = RunConfig
+    tp: Any = RunConfig
+    for i, part in enumerate(parts):
+        if cls is None:
+            raise ConfigError(f"{'.'.join(parts[:i])} is a value, not a section")
+        if part not in {f.name for f in dataclasses.fields(cls)}:
+            raise _unknown_key(cls, part, ".".join(parts[:i]))
+        tp = typing.get_type_hints(cls)[part]
+        cls = _dataclass_in(tp)
+    return tp
+
+
+def _parse_override(raw: str, tp: Any, key: str) -> Any:
+    text = raw.strip()
+    if text.startswith("!!"):
+        raise ConfigError(f"{key}: {raw!r} is a YAML tag; overrides take plain values")
+    args = typing.get_args(tp) if typing.get_origin(tp) in (Union, types.UnionType) else (tp,)
+    inner = [a for a in args if a is not type(None)]
+    if type(None) in args and text in ("", "null", "~"):
+        return None
+    target = inner[0] if len(inner) == 1 else None
+    if target is str:
+        quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
+        return _yaml_value(text, key, tp) if quoted else raw
+    if typing.get_origin(target) is list:
+        if text.startswith("["):
+            return _yaml_value(text, key, tp)
+        return [item.strip() for item in text.split(",")] if text else []
+    if target is not None and dataclasses.is_dataclass(target):
+        return _yaml_value(text, key, tp) if text.startswith("{") else raw
+    value = _yaml_value(text, key, tp)
+    if isinstance(value, (list, dict)):
+        raise ConfigError(f"{key}: expected a single {_type_name(tp)}, got {raw!r}")
+    return value
+
+
+def _yaml_value(text: str, key: str, tp: Any) -> Any:
+    from cliptune.utils.safe_yaml import YamlError, loads
+
+    try:
+        return loads(text, key)
+    except YamlError as e:
+        raise ConfigError(f"{e}; expected a {_type_name(tp)}") from None
 
 
 def _check_ranges(cfg: RunConfig) -> None:
@@ -457,6 +525,104 @@ def _check_ranges(cfg: RunConfig) -> None:
             raise ConfigError(f"optim.{key}: {getattr(cfg.optim, key)!r} must be in (0, 1]")
     if "/" in cfg.name or not cfg.name.strip():
         raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name without '/'")
+    _check_limits(cfg)
+    _check_applicability(cfg)
+
+
+# (section path, key) -> (lowest, highest, whether the bounds themselves are allowed); None values are not checked.
+_LIMITS: dict[tuple[str, str], tuple[float, float, bool, bool]] = {
+    ("optim", "lr_image"): (0, math.inf, True, False),
+    ("optim", "lr_text"): (0, math.inf, True, False),
+    ("optim", "weight_decay_image"): (0, math.inf, True, False),
+    ("optim", "weight_decay_text"): (0, math.inf, True, False),
+    ("optim", "eps"): (0, math.inf, False, False),
+    ("optim", "beta1"): (0, 1, True, False),
+    ("optim", "beta2"): (0, 1, True, False),
+    ("finetune.lora", "rank"): (0, math.inf, True, False),
+    ("finetune.lora", "alpha"): (0, math.inf, False, False),
+    ("finetune.lora", "dropout"): (0, 1, True, False),
+    ("finetune", "prompt_tokens"): (0, math.inf, True, False),
+    ("data", "samples_per_epoch"): (0, math.inf, False, False),
+    ("data", "shuffle_buffer"): (0, math.inf, False, False),
+    ("loss", "label_smoothing"): (0, 1, True, False),
+    ("loss", "negative_smoothing"): (0, 1, True, False),
+    ("loss", "focal_gamma"): (0, math.inf, True, False),
+    ("loss", "global_weight"): (0, math.inf, True, False),
+    ("loss", "local_weight"): (0, math.inf, True, False),
+    ("model", "embed_dim"): (0, math.inf, False, False),
+    ("model", "init_temperature"): (0, math.inf, False, False),
+    ("runtime", "seed"): (0, 2**32 - 1, True, True),  # numpy seeds are 32-bit
+}
+
+
+def _check_limits(cfg: RunConfig) -> None:
+    for (section, key), (low, high, low_ok, high_ok) in _LIMITS.items():
+        node: Any = cfg
+        for part in section.split("."):
+            node = getattr(node, part)
+        value = getattr(node, key)
+        if value is None:
+            continue
+        if not ((value > low or (low_ok and value == low)) and (value < high or (high_ok and value == high))):
+            lower, upper = "[" if low_ok else "(", "]" if high_ok else ")"
+            raise ConfigError(f"{section}.{key}: {value!r} is out of range; it must be in {lower}{low}, {high}{upper}")
+    _check_name(cfg.name)
+    if cfg.train.batch_size < 2 and cfg.loss.name != "ce":
+        raise ConfigError(
+            f"train.batch_size: 1 with loss.name {cfg.loss.name}: a contrastive loss needs at least 2 images per "
+            "step (the other images are each one's negatives); use 2 or more"
+        )
+    if cfg.data.samples_per_epoch is not None and cfg.data.shards is None:
+        raise ConfigError(
+            "data.samples_per_epoch: applies to data.shards only (a table's epoch is one pass over it); remove it, "
+            "or change train.epochs"
+        )
+
+
+def _check_name(name: str) -> None:
+    if name != name.strip() or name in (".", "..") or any(c in name for c in "/\\\0") or Path(name).is_absolute():
+        raise ConfigError(f"name: {name!r} must be a plain folder name (no '/', '\\', '..' or surrounding spaces)")
+
+
+# key -> (the setting that decides whether it is used, the values where it is); a changed key that is not used warns.
+_APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
+    "model.pretrained": ("model.backend", ("openclip",)),
+    "model.image_tower": ("model.backend", ("composed",)),
+    "model.text_tower": ("model.backend", ("composed",)),
+    "model.head": ("model.backend", ("composed",)),
+    "model.embed_dim": ("model.backend", ("composed",)),
+    "model.init_temperature": ("model.backend", ("composed",)),
+    "loss.hard_negatives": ("loss.name", ("negclip", "fsc")),
+    "loss.negative_kinds": ("loss.name", ("negclip", "fsc")),
+    "loss.tagger": ("loss.name", ("negclip", "fsc")),
+    "loss.global_weight": ("loss.name", ("fsc",)),
+    "loss.local_weight": ("loss.name", ("fsc",)),
+    "loss.focal_gamma": ("loss.name", ("fsc",)),
+    "loss.negative_smoothing": ("loss.name", ("fsc",)),
+    "loss.label_smoothing": ("loss.name", ("ce",)),
+    "loss.siglip_bias_init": ("loss.name", ("siglip",)),
+    "data.shard_resample": ("data.shards", ()),
+    "data.shuffle_buffer": ("data.shards", ()),
+}
+
+
+def _check_applicability(cfg: RunConfig) -> None:
+    """Warn, naming the key, about a changed setting that the chosen backend, loss or data source does not use."""
+    import logging
+
+    defaults = RunConfig()
+    for key, (decider, values) in _APPLIES.items():
+        setting = _dotted(cfg, decider)
+        used = setting is not None if not values else setting in values
+        if not used and _dotted(cfg, key) != _dotted(defaults, key):
+            when = f"{decider} is {' or '.join(map(str, values))}" if values else f"{decider} is set"
+            logging.getLogger("cliptune").warning("%s: has no effect unless %s (it is %r)", key, when, setting)
+
+
+def _dotted(cfg: Any, key: str) -> Any:
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
 
 
 def check_training(cfg: RunConfig) -> None:
@@ -519,11 +685,18 @@ def build(data: dict[str, Any] | None = None, overrides: list[str] | None = None
 
 
 def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    from cliptune.utils.safe_yaml import YamlError
+    from cliptune.utils.safe_yaml import load as load_yaml
+
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file {str(path)!r} does not exist")
-    with path.open() as f:
-        data = yaml.safe_load(f) or {}
+        what = "is a folder, not a file" if path.is_dir() else "does not exist"
+        raise ConfigError(f"config file {str(path)!r} {what}")
+    try:
+        data = load_yaml(path)
+    except YamlError as e:
+        raise ConfigError(str(e)) from None
+    data = {} if data is None else data
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
     try:

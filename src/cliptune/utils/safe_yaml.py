@@ -1,0 +1,77 @@
+"""Reading YAML a user wrote: safe tags only, no aliases, no duplicate keys, and errors that give file, line and column.
+
+PyYAML's SafeLoader already refuses `!!python/...` tags; this loader also refuses aliases (a few lines of `&a [*a, *a]`
+expand to billions of nodes), duplicate keys (PyYAML keeps the last one silently) and non-string keys.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class YamlError(ValueError):
+    """A YAML text that cannot be read as plain data; the message gives the source, line and column."""
+
+
+class _StrictLoader(yaml.SafeLoader):
+    def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise yaml.composer.ComposerError(
+                None, None, f"alias *{event.anchor} is not supported: write the value out", event.start_mark
+            )
+        return super().compose_node(parent, index)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, str):
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} is not a name (keys are plain words)", key_node.start_mark
+                )
+            if key in seen:
+                first = seen[key].line + 1
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} appears twice (first on line {first}); keep one", key_node.start_mark
+                )
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+
+
+def loads(text: str, source: str) -> Any:
+    """Plain data (dicts, lists, scalars) from one YAML document; `source` names it in errors."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader: no Python tags
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
+        problem = e.problem or e.context or "invalid YAML"
+        if "expected a single document" in str(e):
+            problem = "holds several YAML documents (---); keep one"
+        raise YamlError(f"{where}: {problem}") from None
+    except yaml.YAMLError as e:
+        raise YamlError(f"{source}: {e}") from None
+
+
+def read_text(path: Path) -> str:
+    """A UTF-8 text file; a file that is not readable or not UTF-8 is named with the byte offset and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise YamlError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise YamlError(f"{path}: not UTF-8 text (byte {e.start}, line {line}); save the file as UTF-8") from None
+
+
+def load(path: Path) -> Any:
+    return loads(read_text(path), str(path))
