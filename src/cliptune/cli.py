@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 from cliptune.config import ConfigError
+from cliptune.utils.files import atomic_write
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -53,12 +54,27 @@ def _dataset_arg(args: argparse.Namespace) -> dict:
 def _eval(args: argparse.Namespace) -> int:
     from cliptune.api import evaluate, load
 
+    out = _output(args.out, args.model, args.data) if args.out else None
     metrics = evaluate(load(args.model, device=args.device), _dataset_arg(args), batch_size=args.batch_size)
     text = json.dumps(metrics, indent=2)
-    if args.out:
-        Path(args.out).write_text(text + "\n")
+    if out is not None:
+        with atomic_write(out) as tmp:
+            tmp.write_text(text + "\n")
     print(text)
     return 0
+
+
+def _output(out: str, *inputs: str) -> Path:
+    """`--out` checked before any work: not a folder, its folder exists, and not one of the command's inputs."""
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ValueError(f"--out {out}: is a folder; give a file path")
+    if not path.parent.is_dir():
+        raise FileNotFoundError(f"--out {out}: the folder {path.parent} does not exist; create it first")
+    for source in inputs:
+        if source and Path(source).expanduser().resolve() in (path.resolve(), *path.resolve().parents):
+            raise ValueError(f"--out {out}: would overwrite the input {source}; write somewhere else")
+    return path
 
 
 def _encode(args: argparse.Namespace) -> int:
@@ -68,6 +84,7 @@ def _encode(args: argparse.Namespace) -> int:
     from cliptune.config import TableSpec
     from cliptune.data import read_caption_table
 
+    out = _output(args.out if args.out.endswith(".npy") else args.out + ".npy", args.model, args.images or args.texts)
     encoder = load(args.model, device=args.device)
     if args.images:
         source = Path(args.images)
@@ -82,8 +99,9 @@ def _encode(args: argparse.Namespace) -> int:
     else:
         texts = [line.strip() for line in Path(args.texts).read_text().splitlines() if line.strip()]
         emb = encoder.encode_texts(texts, batch_size=args.batch_size)
-    np.save(args.out, emb)
-    print(f"wrote {args.out}: {emb.shape[0]} x {emb.shape[1]} float32, L2-normalised")
+    with atomic_write(out) as tmp, tmp.open("wb") as f:
+        np.save(f, emb)
+    print(f"wrote {out}: {emb.shape[0]} x {emb.shape[1]} float32, L2-normalised")
     return 0
 
 
@@ -248,10 +266,17 @@ def _search_commands(sub: argparse._SubParsersAction) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # `compositionality` hands its options on unparsed (its module imports torch); argparse's REMAINDER does not take
+    # options that come first (`--data ...`), so they arrive here as unknown arguments.
+    args, unknown = parser.parse_known_args(argv)
+    if unknown and args.command != "compositionality":
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "compositionality":
+        args.options = [*unknown, *args.options]
     try:
         return args.func(args)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
+    except (ConfigError, ValueError, OSError) as e:  # the project's errors are ValueError subclasses
         print(f"cliptune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import string
 import types
 import typing
 from dataclasses import dataclass, field
@@ -113,9 +114,24 @@ class ZeroShotSpec:
     def __post_init__(self) -> None:
         if not self.name:
             self.name = Path(self.path).stem
+        if not self.templates:
+            raise ConfigError(
+                f"eval.zeroshot[{self.name}].templates: empty; give at least one, e.g. 'a photo of a {{}}.'"
+            )
         for t in self.templates:
-            if "{}" not in t:
-                raise ConfigError(f"eval.zeroshot[{self.name}].templates: {t!r} has no '{{}}' for the class name")
+            _check_template(t, f"eval.zeroshot[{self.name}].templates")
+
+
+def _check_template(template: str, key: str) -> None:
+    """Exactly one empty `{}` slot: the class name goes there (`str.format` would fail or drop it otherwise)."""
+    try:
+        fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
+    except ValueError as e:
+        raise ConfigError(f"{key}: {template!r} is not a template ({e}); write literal braces as {{{{ }}}}") from None
+    if fields != [""]:
+        raise ConfigError(
+            f"{key}: {template!r} has {len(fields)} slot(s) {fields}; it needs exactly one '{{}}' for the class name"
+        )
 
 
 @dataclass

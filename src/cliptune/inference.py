@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from cliptune.config import ModelConfig
+from cliptune.config import ConfigError, ModelConfig
 from cliptune.config import build as build_config
 from cliptune.eval.encode import encode_images, encode_texts
 from cliptune.models import ClipModel, ModelError, build_model, load_model
@@ -24,13 +24,28 @@ from cliptune.utils.paths import inside
 ImageInput = str | Path | Image.Image
 
 
+def resolve_device(name: str) -> torch.device:
+    """`auto`, `cpu`, `cuda` or `cuda:N` as a device this machine has; anything else is a ConfigError."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device {name!r} is not allowed; use auto, cpu, cuda or cuda:N")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {name!r} asked for, but no CUDA device is visible; use cpu or auto")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+    return device
+
+
 class Encoder:
     """A model ready for use: `encode_images` and `encode_texts` return L2-normalised float32 numpy arrays."""
 
     def __init__(self, model: ClipModel, device: str = "auto", precision: str = "fp32") -> None:
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model = model.to(device).eval()
+        self.model = model.to(resolve_device(device)).eval()
         self.precision = precision
 
     def encode_images(self, images: ImageInput | Sequence[ImageInput], batch_size: int = 64) -> np.ndarray:

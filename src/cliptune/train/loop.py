@@ -15,7 +15,7 @@ from tqdm import tqdm
 
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
-from cliptune.train.checkpoint import save_checkpoint
+from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint, save_checkpoint
 from cliptune.train.data import make_loader
 from cliptune.train.distributed import barrier
 from cliptune.train.finish import finish
@@ -69,13 +69,25 @@ def _backward(trainer: Trainer, batch: Batch) -> torch.Tensor:
     return loss.detach()
 
 
+class TrainingDiverged(ValueError):
+    """The loss became NaN or infinite; the last epoch checkpoint is kept and the message says what to change."""
+
+
+def _last_good(trainer: Trainer) -> str:
+    found = latest_checkpoint(checkpoint_folder(trainer.run_dir)) if trainer.where.main else None
+    return f"the last good checkpoint is {found}" if found else "no checkpoint had been written yet"
+
+
 def train_step(trainer: Trainer, batch: Batch) -> float:
     cfg, model = trainer.cfg, trainer.model
     trainer.optimizer.zero_grad(set_to_none=True)
     loss = _backward(trainer, batch)
     if not torch.isfinite(loss):
-        raise FloatingPointError(
-            f"loss is {loss.item()} at step {trainer.state.step}: lower optim.lr or enable optim.grad_clip"
+        raise TrainingDiverged(
+            f"training stopped: the loss is {loss.item()} at step {trainer.state.step + 1} (epoch "
+            f"{trainer.state.epoch + 1}); nothing of this epoch was saved, {_last_good(trainer)}. Lower optim.lr "
+            "(or optim.lr_image / optim.lr_text), set optim.grad_clip, or use runtime.precision fp32, then resume "
+            "with --resume (config changes need a new `name`)"
         )
     if cfg.optim.grad_clip is not None:
         params = [p for p in trainer.module.parameters() if p.requires_grad]

@@ -18,7 +18,7 @@ from cliptune.data.shards import ShardStream
 from cliptune.eval import EvalSuite
 from cliptune.eval.encode import Encoding
 from cliptune.eval.feature_store import FeatureStore
-from cliptune.inference import load_any
+from cliptune.inference import load_any, resolve_device
 from cliptune.losses.objective import OBJECTIVES, Objective
 from cliptune.models import ClipModel, build_model
 from cliptune.models.base import Tower
@@ -49,14 +49,6 @@ _RESUMABLE_CHANGES = {
     ("runtime", "workers"),
     ("runtime", "device"),
 }
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"runtime.device: {name!r} asked for, but no CUDA device is visible; use cpu or auto")
-    return torch.device(name)
 
 
 def seed_everything(seed: int) -> None:
@@ -153,7 +145,15 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
         _check_resume_config(cfg, run_dir)
     elif resume:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ConfigError(
+            f"runtime.output_dir / name: {run_dir} cannot be a folder, a file is in the way; choose another "
+            "runtime.output_dir or `name`"
+        ) from None
+    except PermissionError:
+        raise ConfigError(f"runtime.output_dir: no permission to create {run_dir}; choose a writable folder") from None
     for stale in (METRICS_FILE, TRAIN_LOG_FILE):
         if checkpoint is None and (run_dir / stale).exists():
             (run_dir / stale).unlink()
