@@ -104,7 +104,8 @@ def test_csv_json_list_cell_and_bracketed_caption(tmp_path: Path, images: dict[s
     assert result.captions == [["a dog", "a brown dog"], ["[photo] a cat"]]
 
 
-def test_repeated_rows_grouped_in_order(tmp_path: Path, images: dict[str, Path]) -> None:
+def test_repeated_rows_grouped_in_order(tmp_path: Path, images: dict[str, Path], caplog) -> None:
+    """Rows of one image merge in order; a repeated (image, caption) row is kept once and counted (issue 11.5)."""
     rows = [
         ["image", "caption"],
         ["red.png", "r1"],
@@ -116,8 +117,9 @@ def test_repeated_rows_grouped_in_order(tmp_path: Path, images: dict[str, Path])
     ]
     result = read_caption_table(TableSpec(path=str(write_csv(tmp_path / "t.csv", rows))))
     assert result.images == [images["red"], images["blue"], images["green"]]
-    assert result.captions == [["r1", "r2", "r3", "r4"], ["b1", "b1"], ["g1"]]
-    assert result.num_captions == 7
+    assert result.captions == [["r1", "r2", "r3", "r4"], ["b1"], ["g1"]]
+    assert result.num_captions == 6
+    assert "1 repeated image-caption rows kept once (first: line 6)" in caplog.text
 
 
 def test_empty_captions_dropped_and_counted(tmp_path: Path, images: dict[str, Path]) -> None:

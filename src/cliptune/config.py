@@ -11,6 +11,7 @@ import dataclasses
 import difflib
 import importlib
 import math
+import re
 import string
 import types
 import typing
@@ -128,6 +129,8 @@ def _check_template(template: str, key: str) -> None:
         fields = [name for _, name, _, _ in string.Formatter().parse(template) if name is not None]
     except ValueError as e:
         raise ConfigError(f"{key}: {template!r} is not a template ({e}); write literal braces as {{{{ }}}}") from None
+    if not fields:
+        raise ConfigError(f"{key}: {template!r} has no '{{}}' for the class name")
     if fields != [""]:
         raise ConfigError(
             f"{key}: {template!r} has {len(fields)} slot(s) {fields}; it needs exactly one '{{}}' for the class name"
@@ -195,6 +198,11 @@ class LoraConfig:
         default_factory=lambda: ["attn", "mlp", "attention", "self_attn", "attnpool", "intermediate", "output.dense"],
     )
     towers: list[str] = _doc(doc="towers that get adapters (image, text)", default_factory=lambda: ["image", "text"])
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.towers) - {"image", "text"})
+        if unknown:
+            raise ConfigError(f"finetune.lora.towers: {unknown} unknown; choose among image, text")
 
 
 @dataclass
@@ -296,7 +304,7 @@ class RuntimeConfig:
     channels_last: bool = _doc(False, "channels-last memory format for images and the image tower (pays for convnets)")
 
     def __post_init__(self) -> None:
-        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
+        if self.device not in ("auto", "cpu", "cuda") and not re.fullmatch(r"cuda:\d+", self.device):
             raise ConfigError(f"runtime.device: {self.device!r} is not allowed; use auto, cpu, cuda or cuda:N")
 
 
@@ -367,6 +375,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: expected true or false, got {value!r}")
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
+            if abs(value) >= 2**63:  # torch and numpy hold 64-bit integers
+                raise ConfigError(f"{key}: {value} is too large")
             return value
         if isinstance(value, float) and value.is_integer():
             return int(value)
@@ -499,7 +509,7 @@ def _parse_override(raw: str, tp: Any, key: str) -> Any:
         quoted = len(text) >= 2 and text[0] == text[-1] and text[0] in "'\""
         return _yaml_value(text, key, tp) if quoted else raw
     if typing.get_origin(target) is list:
-        if text.startswith("["):
+        if text.startswith(("[", "{")):
             return _yaml_value(text, key, tp)
         return [item.strip() for item in text.split(",")] if text else []
     if target is not None and dataclasses.is_dataclass(target):
@@ -617,6 +627,10 @@ _APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "loss.negative_smoothing": ("loss.name", ("fsc",)),
     "loss.label_smoothing": ("loss.name", ("ce",)),
     "loss.siglip_bias_init": ("loss.name", ("siglip",)),
+    "finetune.lora.alpha": ("finetune.lora.rank", ()),
+    "finetune.lora.dropout": ("finetune.lora.rank", ()),
+    "finetune.lora.targets": ("finetune.lora.rank", ()),
+    "finetune.lora.towers": ("finetune.lora.rank", ()),
     "data.shard_resample": ("data.shards", ()),
     "data.shuffle_buffer": ("data.shards", ()),
 }
@@ -629,9 +643,9 @@ def _check_applicability(cfg: RunConfig) -> None:
     defaults = RunConfig()
     for key, (decider, values) in _APPLIES.items():
         setting = _dotted(cfg, decider)
-        used = setting is not None if not values else setting in values
+        used = bool(setting) if not values else setting in values
         if not used and _dotted(cfg, key) != _dotted(defaults, key):
-            when = f"{decider} is {' or '.join(map(str, values))}" if values else f"{decider} is set"
+            when = f"{decider} is {' or '.join(map(str, values))}" if values else f"{decider} is set (non-zero)"
             logging.getLogger("cliptune").warning("%s: has no effect unless %s (it is %r)", key, when, setting)
 
 

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,7 +72,7 @@ def read_caption_table(spec: TableSpec, check_images: bool = True) -> CaptionTab
             f"{path}: the table has no data rows; add rows with columns {spec.image_key!r}, {spec.caption_key!r}"
         )
     base = Path(spec.images_root).expanduser() if spec.images_root else path.parent
-    grouped = _group(rows, base)
+    grouped = _group(path, rows, base)
     with_text = {img: caps for img, caps in grouped.items() if caps}
     empty = len(grouped) - len(with_text)
     if not with_text:
@@ -105,7 +107,7 @@ def read_negatives(path: Path, spec: TableSpec) -> dict[str, list[str]]:
     if path.suffix.lower() == ".json":
         raise DataError(f"{path}: negatives_key {key!r} applies to CSV, TSV and JSONL tables, not COCO JSON")
     out: dict[str, list[str]] = {}
-    for where, record in _records(path):
+    for where, record in _records(path, spec):
         if key not in record:
             raise DataError(
                 f"{where}: no column {key!r} (negatives_key); the columns are {', '.join(map(repr, record))}"
@@ -122,15 +124,15 @@ def read_negatives(path: Path, spec: TableSpec) -> dict[str, list[str]]:
     return out
 
 
-def _records(path: Path) -> list[tuple[str, dict[str, Any]]]:
+def _records(path: Path, spec: TableSpec) -> list[tuple[str, dict[str, Any]]]:
     """(location, record) of every data row of a CSV / TSV / JSONL table (already validated by the main reader)."""
+    text = _text_of(path)
     if path.suffix.lower() == ".jsonl":
-        with path.open(encoding="utf-8-sig") as f:
-            return [(f"{path}, line {n}", json.loads(line)) for n, line in enumerate(f, start=1) if line.strip()]
-    delimiter = "\t" if path.suffix.lower() == ".tsv" else ","
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
-        return [(f"{path}, line {reader.line_num}", dict(record)) for record in reader]
+        lines = enumerate(text.split("\n"), start=1)
+        return [(f"{path}, line {n}", json.loads(line)) for n, line in lines if line.strip()]
+    delimiter = _delimiter(path, text.split("\n", 1)[0], "\t" if path.suffix.lower() == ".tsv" else ",", spec)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    return [(f"{path}, line {reader.line_num}", dict(record)) for record in reader]
 
 
 def _negative_cell(value: Any, where: str, key: str) -> list[str]:
@@ -159,15 +161,65 @@ def _split_readable(path: Path, images: list[Path], base: Path) -> tuple[list[Pa
     return good, bad
 
 
-def _group(rows: list[_Row], base: Path) -> dict[Path, list[str]]:
-    """Captions of repeated rows of one image merged, in order; dict order is first appearance."""
+def _group(path: Path, rows: list[_Row], base: Path) -> dict[Path, list[str]]:
+    """Captions of repeated rows of one image merged, in order; dict order is first appearance.
+
+    `a/../a/x.jpg` and `a/x.jpg` are one image (normalised, not resolved: a link stays a name of its own); a caption
+    repeated for one image is kept once. Both are counted and named: duplicates distort recall.
+    """
     grouped: dict[Path, list[str]] = {}
-    for _, image, captions in rows:
+    spellings: dict[Path, set[str]] = {}
+    repeated: list[int] = []
+    for line, image, captions in rows:
         image_path = Path(image).expanduser()
         if not image_path.is_absolute():
             image_path = base / image_path
-        grouped.setdefault(image_path, []).extend(captions)
+        image_path = Path(os.path.normpath(image_path))
+        spellings.setdefault(image_path, set()).add(image)
+        known = grouped.setdefault(image_path, [])
+        repeated += [line for c in captions if c in known]
+        known.extend(c for c in captions if c not in known)
+    merged = [names for names in spellings.values() if len(names) > 1]
+    if merged:
+        first = sorted(merged[0])
+        logger.warning("%s: %d images appear under several spellings, merged (first: %s)", path, len(merged), first)
+    if repeated:
+        count, first_line = len(repeated), repeated[0]
+        logger.warning("%s: %d repeated image-caption rows kept once (first: line %d)", path, count, first_line)
     return grouped
+
+
+def _text_of(path: Path) -> str:
+    """The table's text; a file that is not UTF-8 (or holds NUL bytes) is named with the byte offset and line."""
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        # utf-8-sig: spreadsheet exports often start with a byte-order mark that would otherwise end up in the
+        # first column's name, and then `image` would not be found.
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}: not UTF-8 text (byte {e.start}, line {line}); save the table as UTF-8") from None
+    if "\0" in text:
+        line = text[: text.index("\0")].count("\n") + 1
+        raise DataError(f"{path}, line {line}: a NUL byte; the file is binary or damaged, repair that line")
+    return text
+
+
+def _delimiter(path: Path, header: str, delimiter: str, spec: TableSpec) -> str:
+    """The table's delimiter: the one its suffix says, unless the header only splits on another (`;` exports)."""
+    if spec.image_key in header.split(delimiter):
+        return delimiter
+    try:
+        found = csv.Sniffer().sniff(header, delimiters=",;\t|").delimiter
+    except csv.Error:
+        return delimiter
+    if found != delimiter and spec.image_key in header.split(found):
+        logger.warning("%s: columns are separated by %r, not %r; reading it that way", path, found, delimiter)
+        return found
+    return delimiter
 
 
 def _read_rows(path: Path, spec: TableSpec) -> list[_Row]:
@@ -189,45 +241,60 @@ def _missing_column(path: Path, key: str, config_key: str, present: list[str], w
 
 
 def _read_delimited(path: Path, spec: TableSpec, delimiter: str) -> list[_Row]:
-    # utf-8-sig: spreadsheet exports often start with a byte-order mark that would otherwise end up in the
-    # first column's name, and then `image` would not be found.
-    with path.open(newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f, delimiter=delimiter)
+    text = _text_of(path)
+    delimiter = _delimiter(path, text.split("\n", 1)[0], delimiter, spec)
+    reader = csv.DictReader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
         header = list(reader.fieldnames or [])
         if not header:
             raise DataError(f"{path}: the file is empty; the first line must be a header naming the columns")
         for key, config_key in ((spec.image_key, "image_key"), (spec.caption_key, "caption_key")):
             if key not in header:
                 raise _missing_column(path, key, config_key, header)
-        rows = []
+        rows, extra, multiline = [], [], []
         for record in reader:
             where = f"{path}, line {reader.line_num}"
             image = _image_cell(record.get(spec.image_key), where, spec.image_key)
-            rows.append((reader.line_num, image, _text_cell(record.get(spec.caption_key), where, spec.caption_key)))
+            captions = _text_cell(record.get(spec.caption_key), where, spec.caption_key)
+            extra += [reader.line_num] if record.get(None) else []  # cells beyond the header's columns
+            multiline += [reader.line_num] if any("\n" in c for c in captions) else []
+            rows.append((reader.line_num, image, captions))
+    except csv.Error as e:
+        raise DataError(
+            f"{path}, line {reader.line_num}: {e}; a quote that is never closed makes the rest of the file one "
+            "field: close or remove it"
+        ) from None
+    _warn_rows(path, extra, "have more cells than the header has columns; the extra cells are ignored")
+    _warn_rows(path, multiline, "have a caption spanning several lines; a stray quote may have merged rows")
     return rows
+
+
+def _warn_rows(path: Path, lines: list[int], what: str) -> None:
+    if lines:
+        shown = ", ".join(map(str, lines[:5])) + (", ..." if len(lines) > 5 else "")
+        logger.warning("%s: %d rows %s (lines %s)", path, len(lines), what, shown)
 
 
 def _read_jsonl(path: Path, spec: TableSpec) -> list[_Row]:
     rows = []
-    with path.open(encoding="utf-8-sig") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}, line {line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(
-                    f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
-                    f'JSON object such as {{"{spec.image_key}": ..., "{spec.caption_key}": ...}}'
-                ) from None
-            if not isinstance(record, dict):
-                raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
-            for key, config_key in ((spec.image_key, "image_key"), (spec.caption_key, "caption_key")):
-                if key not in record:
-                    raise _missing_column(path, key, config_key, list(record), where=f", line {line_no}")
-            image = _image_cell(record[spec.image_key], where, spec.image_key)
-            rows.append((line_no, image, _json_captions(record[spec.caption_key], where, spec.caption_key)))
+    for line_no, line in enumerate(_text_of(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}, line {line_no}"
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DataError(
+                f"{where}: not valid JSON ({e.msg} at column {e.colno}); each line must be one "
+                f'JSON object such as {{"{spec.image_key}": ..., "{spec.caption_key}": ...}}'
+            ) from None
+        if not isinstance(record, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(record).__name__}")
+        for key, config_key in ((spec.image_key, "image_key"), (spec.caption_key, "caption_key")):
+            if key not in record:
+                raise _missing_column(path, key, config_key, list(record), where=f", line {line_no}")
+        image = _image_cell(record[spec.image_key], where, spec.image_key)
+        rows.append((line_no, image, _json_captions(record[spec.caption_key], where, spec.caption_key)))
     return rows
 
 

@@ -368,21 +368,35 @@ def create(
             model, train_tf, eval_tf = open_clip.create_model_and_transforms(
                 arch, pretrained=str(Path(pretrained).expanduser()) if _is_file(pretrained) else pretrained, **kwargs
             )
-    except UnpicklingError as e:
-        raise ModelError(
-            f"{arch}:{pretrained}: the checkpoint holds more than tensors (a pickle that could run code), so it is "
-            f"refused ({str(e).splitlines()[0]}). Convert it to .safetensors where you trust it"
-        ) from None
-    except (OSError, RuntimeError) as e:
-        # Offline, open_clip raises OSError subclasses or a RuntimeError("Failed to download ...").
-        if isinstance(e, RuntimeError) and "download" not in str(e).lower():
+    except Exception as e:
+        error = _load_error(e, arch, pretrained)
+        if error is e:
             raise
-        raise ModelError(
+        raise error from e
+    return OpenClipModel(arch, model, train_tf, eval_tf)
+
+
+def _load_error(e: Exception, arch: str, pretrained: str | None) -> Exception:
+    """What to tell the user when open_clip could not build `arch` with `pretrained` (or `e` itself, unexpected)."""
+    first = str(e).splitlines()[0] if str(e) else type(e).__name__
+    if isinstance(e, UnpicklingError):
+        return ModelError(
+            f"model.pretrained: {pretrained} holds more than tensors (a pickle that could run code), so it is "
+            f"refused ({first}). Convert it to .safetensors where you trust it"
+        )
+    if _is_file(pretrained):  # a local file that is truncated, not a checkpoint, or for another architecture
+        return ModelError(
+            f"model.pretrained: {pretrained} could not be loaded into {arch} ({type(e).__name__}: {first[:300]}); "
+            "check that the file is complete and was saved for this architecture"
+        )
+    if isinstance(e, OSError) or (isinstance(e, RuntimeError) and "download" in str(e).lower()):
+        # Offline, open_clip raises OSError subclasses or a RuntimeError("Failed to download ...").
+        return ModelError(
             f"could not fetch pretrained weights {arch}:{pretrained}: the model hub is unreachable from here "
             f"({type(e).__name__}). Download the checkpoint where you are online and set model.pretrained to the "
             "local file path (or set HF_HUB_OFFLINE=1 to fail fast when a cached copy is expected)."
-        ) from e
-    return OpenClipModel(arch, model, train_tf, eval_tf)
+        )
+    return e
 
 
 def _text_pooling(model: nn.Module) -> tuple[str, int | None]:

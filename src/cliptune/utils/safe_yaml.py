@@ -18,12 +18,20 @@ class YamlError(ValueError):
 
 class _StrictLoader(yaml.SafeLoader):
     def compose_node(self, parent: yaml.Node | None, index: Any) -> yaml.Node | None:
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
             raise yaml.composer.ComposerError(
-                None, None, f"alias *{event.anchor} is not supported: write the value out", event.start_mark
+                None, None, f"anchor or alias {event.anchor!r} is not supported: write the value out", event.start_mark
             )
         return super().compose_node(parent, index)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        _no_base60(node)
+        return super().construct_yaml_int(node)
+
+    def construct_yaml_float(self, node: yaml.ScalarNode) -> float:
+        _no_base60(node)
+        return super().construct_yaml_float(node)
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
         seen: dict[Any, yaml.Mark] = {}
@@ -42,7 +50,19 @@ class _StrictLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep=deep)
 
 
+def _no_base60(node: yaml.ScalarNode) -> None:
+    if ":" in str(node.value):  # YAML 1.1 reads 1:30 as 90 (base 60): surely not what was meant
+        raise yaml.constructor.ConstructorError(
+            None,
+            None,
+            f"{node.value!r} is a base-60 number in YAML 1.1; quote it or write a plain number",
+            node.start_mark,
+        )
+
+
 _StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _StrictLoader.construct_mapping)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_yaml_int)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
 
 
 def loads(text: str, source: str) -> Any:
@@ -58,6 +78,8 @@ def loads(text: str, source: str) -> Any:
         raise YamlError(f"{where}: {problem}") from None
     except yaml.YAMLError as e:
         raise YamlError(f"{source}: {e}") from None
+    except RecursionError:
+        raise YamlError(f"{source}: nested too deeply to read") from None
 
 
 def read_text(path: Path) -> str:
