@@ -19,12 +19,19 @@ def headline(values: dict[str, float]) -> float | None:
     return next((values[k] for k in HEADLINE if k in values), None)
 
 
+# Bytes one score costs while a chunk is ranked, measured (tests/test_metrics.py): the float32 score, two boolean
+# masks of the same shape, and what the matmul and the row counts hold on the side (~7 bytes; 9 leaves a margin).
+_BYTES_PER_SCORE = 9
+MEMORY_BUDGET = 256 * 2**20
+
+
 def retrieval(
     image_emb: ArrayLike,
     text_emb: ArrayLike,
     text_to_image: ArrayLike,
     ks: Iterable[int] = (1, 5, 10),
-    chunk_size: int = 1024,
+    chunk_size: int | None = None,
+    memory_bytes: int = MEMORY_BUDGET,
 ) -> dict[str, float]:
     """Text-to-image and image-to-text recall@k (percent) for L2-normalised embeddings scored by dot product.
 
@@ -32,12 +39,15 @@ def retrieval(
     row. A caption's text-to-image hit at k means its image is among the top k images; an image's image-to-text
     hit at k means any of its captions is among the top k captions. Candidates are ordered by (score descending,
     index ascending), so ties resolve the same way on every run and every chunk size. The full similarity matrix
-    is never built: scores are computed `chunk_size` query rows at a time.
+    is never built: scores are computed `chunk_size` query rows at a time; by default as many rows as keep one
+    chunk's working set (its scores and two boolean masks of their shape) within `memory_bytes`.
 
     Returns `t2i_R@k` and `i2t_R@k` for each k, then `mean_recall`, the mean of all of them.
     """
     ks = _check_ks(ks)
-    chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    if chunk_size is not None:
+        chunk_size = _check_positive_int(chunk_size, "chunk_size")
+    memory_bytes = _check_positive_int(memory_bytes, "memory_bytes")
     device = _device_of(image_emb, text_emb)
     img = _as_embeddings(image_emb, "image_emb", device)
     txt = _as_embeddings(text_emb, "text_emb", device)
@@ -53,12 +63,16 @@ def retrieval(
             f"(first: image {int(captionless[0])}); drop them or supply their captions"
         )
     with torch.no_grad():
-        t2i = _t2i_positions(img, txt, owner, chunk_size)
-        i2t = _i2t_positions(img, txt, owner, chunk_size)
+        t2i = _t2i_positions(img, txt, owner, chunk_size or _rows_within(memory_bytes, img.shape[0]))
+        i2t = _i2t_positions(img, txt, owner, chunk_size or _rows_within(memory_bytes, txt.shape[0]))
     out = {f"t2i_R@{k}": _percent_below(t2i, k) for k in ks}
     out.update({f"i2t_R@{k}": _percent_below(i2t, k) for k in ks})
     out["mean_recall"] = sum(out.values()) / len(out)
     return out
+
+
+def _rows_within(memory_bytes: int, candidates: int) -> int:
+    return max(1, memory_bytes // (_BYTES_PER_SCORE * candidates))
 
 
 def classification(logits: ArrayLike, labels: ArrayLike, ks: Iterable[int] = (1, 5)) -> dict[str, float]:
@@ -89,50 +103,86 @@ def classification(logits: ArrayLike, labels: ArrayLike, ks: Iterable[int] = (1,
     return out
 
 
+class _Workspace:
+    """One chunk's scores and two boolean masks, allocated once per pass and reused by every chunk.
+
+    A fresh allocation per chunk is returned to a fragmented heap rather than to the system: measured on glibc with
+    16 MiB chunks, the peak grew to 200 MiB over 8 chunks; with these buffers it stays at the chunk's size.
+    """
+
+    def __init__(self, rows: int, candidates: torch.Tensor) -> None:
+        self.candidates = candidates
+        shape, device = (rows, candidates.shape[0]), candidates.device
+        self.scores = torch.empty(shape, device=device)
+        self.masks = (
+            torch.empty(shape, dtype=torch.bool, device=device),
+            torch.empty_like(self.scores, dtype=torch.bool),
+        )
+
+    def scores_of(self, queries: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(queries, self.candidates.T, out=self.scores[: queries.shape[0]])
+
+
 def _t2i_positions(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """Position of each caption's own image among all images, `chunk_size` captions at a time."""
     parts = []
+    work = _Workspace(min(chunk_size, txt.shape[0]), img)
     for start in range(0, txt.shape[0], chunk_size):
-        scores = txt[start : start + chunk_size] @ img.T
-        parts.append(_positions(scores, owner[start : start + chunk_size]))
+        scores = work.scores_of(txt[start : start + chunk_size])
+        parts.append(_positions(scores, owner[start : start + chunk_size], work.masks))
     return torch.cat(parts)
 
 
 def _i2t_positions(img: torch.Tensor, txt: torch.Tensor, owner: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Best position of any of each image's captions among all captions, `chunk_size` images at a time."""
+    """Best position of any of each image's captions among all captions, `chunk_size` images at a time.
+
+    Position is strictly increasing along the (score descending, index ascending) order, so the best position
+    over an image's captions is the position of its first caption in that order: ranking that one caption alone
+    needs only the scores of the image's own captions, gathered from the chunk (no captions x candidates mask).
+    """
     parts = []
-    image_ids = torch.arange(img.shape[0], device=img.device)
+    by_image = torch.argsort(owner, stable=True)  # caption indices grouped by image, ascending within each
+    counts = torch.bincount(owner, minlength=img.shape[0])
+    ends = torch.cumsum(counts, 0)
+    work = _Workspace(min(chunk_size, img.shape[0]), txt)
     for start in range(0, img.shape[0], chunk_size):
-        scores = img[start : start + chunk_size] @ txt.T
-        owned = owner[None, :] == image_ids[start : start + chunk_size, None]
-        parts.append(_positions(scores, _first_owned(scores, owned)))
+        stop = min(start + chunk_size, img.shape[0])
+        scores = work.scores_of(img[start:stop])
+        captions = by_image[int(ends[start] - counts[start]) : int(ends[stop - 1])]
+        rows = owner[captions] - start
+        own = scores[rows, captions]
+        best = torch.full((stop - start,), float("-inf"), device=scores.device).scatter_reduce(0, rows, own, "amax")
+        top = own == best[rows]  # every caption tied for its image's best score; the lowest index among them wins
+        first = torch.full((stop - start,), txt.shape[0], device=scores.device, dtype=torch.long)
+        parts.append(_positions(scores, first.scatter_reduce(0, rows[top], captions[top], "amin"), work.masks))
     return torch.cat(parts)
 
 
-def _first_owned(scores: torch.Tensor, owned: torch.Tensor) -> torch.Tensor:
-    """Per row, the owned candidate that comes first in (score descending, index ascending) order.
-
-    Position is strictly increasing along that order, so the minimum position over an image's captions is the
-    position of this one caption: ranking it alone avoids a (captions x candidates) comparison per image.
-    """
-    # Scores are finite (checked on input), so -inf marks exactly the candidates the row does not own.
-    masked = scores.masked_fill(~owned, float("-inf"))
-    best = masked.max(dim=1, keepdim=True).values
-    cand = torch.arange(scores.shape[1], device=scores.device).expand_as(scores)
-    # Smallest index among the tied maxima, explicitly, rather than trusting argmax's tie behaviour.
-    return torch.where(masked == best, cand, scores.shape[1]).min(dim=1).values
-
-
-def _positions(scores: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def _positions(
+    scores: torch.Tensor, targets: torch.Tensor, masks: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
     """0-based rank of each row's target candidate under (score descending, index ascending), by comparisons.
 
     position(c) = #(score > s_c) + #(score == s_c and index < c); no sort, so it is exact and O(rows x candidates).
+    `masks` are two boolean buffers of at least the scores' shape to write the comparisons into.
     """
+    rows = scores.shape[0]
+    if masks is None:
+        masks = (torch.empty_like(scores, dtype=torch.bool), torch.empty_like(scores, dtype=torch.bool))
+    compared, before = masks[0][:rows], masks[1][:rows]
     target_scores = scores.gather(1, targets[:, None])
     cand = torch.arange(scores.shape[1], device=scores.device)
-    above = (scores > target_scores).sum(dim=1)
-    tied_before = ((scores == target_scores) & (cand[None, :] < targets[:, None])).sum(dim=1)
-    return above + tied_before
+    above = _count_rows(torch.gt(scores, target_scores, out=compared))
+    torch.eq(scores, target_scores, out=compared)
+    compared &= torch.lt(cand[None, :], targets[:, None], out=before)
+    return above + _count_rows(compared)
+
+
+def _count_rows(mask: torch.Tensor) -> torch.Tensor:
+    """True entries per row, a few rows at a time: torch sums a boolean tensor through an int64 copy of all of it
+    (8 bytes per entry, measured), which would be the largest tensor of a chunk."""
+    rows = max(1, 2**21 // (8 * max(1, mask.shape[1])))
+    return torch.cat([block.sum(dim=1) for block in mask.split(rows)])
 
 
 def _percent_below(positions: torch.Tensor, k: int) -> float:
@@ -185,7 +235,7 @@ def _as_embeddings(x: ArrayLike, name: str, device: torch.device) -> torch.Tenso
     if emb.ndim != 2 or emb.shape[0] == 0 or emb.shape[1] == 0:
         raise ValueError(f"{name} must be a non-empty 2-D (N, D) array, got shape {tuple(emb.shape)}")
     emb = emb.to(torch.float32)
-    # NaN or inf would make comparisons meaningless (and break the -inf masking in _first_owned).
+    # NaN or inf would make comparisons meaningless (and the -inf start of the best-caption search).
     if not torch.isfinite(emb).all():
         raise ValueError(f"{name} contains NaN or inf")
     return emb
