@@ -84,7 +84,8 @@ def _encode(args: argparse.Namespace) -> int:
     from cliptune.config import TableSpec
     from cliptune.data import read_caption_table
 
-    out = _output(args.out if args.out.endswith(".npy") else args.out + ".npy", args.model, args.images or args.texts)
+    out = _output(args.out, args.model, args.images or args.texts)
+    out = out if out.suffix == ".npy" else _output(f"{args.out}.npy", args.model, args.images or args.texts)
     encoder = load(args.model, device=args.device)
     if args.images:
         source = Path(args.images)

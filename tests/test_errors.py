@@ -1,0 +1,56 @@
+"""Failures a user causes at run time end in one message naming the setting, file or run, never a traceback."""
+
+import pytest
+import torch
+
+import cliptune
+from cliptune.config import ConfigError
+from cliptune.train.checkpoint import latest_checkpoint, load_weights
+from cliptune.train.loop import TrainingDiverged
+from tests.test_train import cli, run_config
+
+
+def _diverge_after_first_epoch(trainer):
+    """From epoch 2 on, a learning rate no run survives (the scheduler scales its base rates)."""
+    trainer.scheduler.base_lrs = [1e30 for _ in trainer.scheduler.base_lrs]
+    trainer.cfg.optim.grad_clip = None
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_cleanly_and_keeps_the_last_good_checkpoint(shapes, tmp_path):
+    cfg = run_config(shapes, tmp_path, epochs=3, optim__grad_clip=None)
+    cfg["eval"] = {}
+    with pytest.raises(TrainingDiverged, match=r"(?s)epoch 2\).*epoch_1.*optim\.lr.*optim\.grad_clip") as err:
+        cliptune.finetune(cfg, callbacks=(_diverge_after_first_epoch,))
+    assert isinstance(err.value, ValueError)  # the CLI prints it without a traceback, exit code 2
+    checkpoints = tmp_path / "run" / "checkpoints"
+    assert latest_checkpoint(checkpoints).name == "epoch_1"
+    model = cliptune.load(tmp_path / "run").model  # the interrupted run loads from its last good checkpoint
+    load_weights(checkpoints / "epoch_1", model)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_output_dir_that_is_a_file_is_named(shapes, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("x")
+    with pytest.raises(ConfigError, match=r"runtime.output_dir.*a file is in the way"):
+        cliptune.finetune(run_config(shapes, blocker))
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "mps", "cuda:0" if not torch.cuda.is_available() else "cuda:99"])
+def test_unusable_devices_are_config_errors(device):
+    with pytest.raises(ConfigError, match="device"):
+        cliptune.load("cliptune-tiny-vit", device=device)
+
+
+@pytest.mark.slow
+def test_cli_out_collisions_and_bad_devices_exit_2_without_traceback(shapes, tmp_path):
+    texts = tmp_path / "t.txt"
+    texts.write_text("a red square\n")
+    for args in (  # more cases (an --out that is an input, in a missing folder) are in benchmarks/probe.py --slow
+        ["encode", "--model", "cliptune-tiny-vit", "--texts", str(texts), "--out", str(tmp_path)],
+        ["eval", "--model", "cliptune-tiny-vit", "--data", str(shapes / "val.csv"), "--device", "cuda:x"],
+    ):
+        proc = cli(*args, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert "--out" in proc.stderr or "device" in proc.stderr
