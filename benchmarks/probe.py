@@ -353,16 +353,30 @@ _OVERRIDES: list[tuple[str, tuple[str, ...], bool]] = [
     ("runtime.device=cuda:x", ("runtime.device", "cuda:x"), True),
     ("optim.lrr=3", ("optim.lrr",), True),
     ("data.samples_per_epoch=100", ("data.samples_per_epoch",), True),
-    ("train.batch_size=1", ("train.batch_size",), True),
-    ("loss.hard_negatives=3", ("loss.hard_negatives",), True),
-    ("loss.focal_gamma=3", ("loss.focal_gamma",), True),
-    ("loss.label_smoothing=0.3", ("loss.label_smoothing",), True),
     ("model.embed_dim=64", ("model.embed_dim",), True),
     ("data.shuffle_buffer=10", ("data.shuffle_buffer",), True),
     ("finetune.lora.alpha=0", ("finetune.lora.alpha",), True),
     ("optim.beta2=1", ("optim.beta2",), True),
     ("runtime.seed=99999999999", ("runtime.seed",), True),
 ]
+
+
+# Checked with the whole training setup (`config.check_training` where the tree has it): a table is configured.
+_TRAINING: list[tuple[str, tuple[str, ...]]] = [
+    ("train.batch_size=1", ("train.batch_size",)),
+    ("loss.hard_negatives=3", ("loss.hard_negatives",)),
+    ("loss.focal_gamma=3", ("loss.focal_gamma",)),
+    ("loss.label_smoothing=0.3", ("loss.label_smoothing",)),
+    ("loss.siglip_bias_init=-3", ("loss.siglip_bias_init",)),
+]
+
+
+def _training_config(override: str) -> Any:
+    from cliptune import config
+
+    cfg = config.build({"data": {"train": "t.csv"}}, [override])
+    check = getattr(config, "check_training", None)
+    return check(cfg) if check else cfg
 
 
 def override_cases() -> list[Case]:
@@ -373,7 +387,10 @@ def override_cases() -> list[Case]:
             f"override syntax: {override}", "override syntax", lambda w: config.build({}, [override]), mention, bad
         )
 
-    return [case(*row) for row in _OVERRIDES]
+    def training(override: str, mention: tuple[str, ...]) -> Case:
+        return Case(f"training setup: {override}", "override syntax", lambda w: _training_config(override), mention)
+
+    return [case(*row) for row in _OVERRIDES] + [training(*row) for row in _TRAINING]
 
 
 _DATA: list[tuple[str, Any, tuple[str, ...]]] = [

@@ -593,11 +593,6 @@ def _check_limits(cfg: RunConfig) -> None:
             lower, upper = "[" if low_ok else "(", "]" if high_ok else ")"
             raise ConfigError(f"{section}.{key}: {value!r} is out of range; it must be in {lower}{low}, {high}{upper}")
     _check_name(cfg.name)
-    if cfg.train.batch_size < 2 and cfg.loss.name != "ce":
-        raise ConfigError(
-            f"train.batch_size: 1 with loss.name {cfg.loss.name}: a contrastive loss needs at least 2 images per "
-            "step (the other images are each one's negatives); use 2 or more"
-        )
     if cfg.data.samples_per_epoch is not None and cfg.data.shards is None:
         raise ConfigError(
             "data.samples_per_epoch: applies to data.shards only (a table's epoch is one pass over it); remove it, "
@@ -611,6 +606,7 @@ def _check_name(name: str) -> None:
 
 
 # key -> (the setting that decides whether it is used, the values where it is); a changed key that is not used warns.
+# (Which `loss.*` keys an objective reads is its own entry's `settings`, checked in `check_training`.)
 _APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "model.pretrained": ("model.backend", ("openclip",)),
     "model.image_tower": ("model.backend", ("composed",)),
@@ -618,15 +614,6 @@ _APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "model.head": ("model.backend", ("composed",)),
     "model.embed_dim": ("model.backend", ("composed",)),
     "model.init_temperature": ("model.backend", ("composed",)),
-    "loss.hard_negatives": ("loss.name", ("negclip", "fsc")),
-    "loss.negative_kinds": ("loss.name", ("negclip", "fsc")),
-    "loss.tagger": ("loss.name", ("negclip", "fsc")),
-    "loss.global_weight": ("loss.name", ("fsc",)),
-    "loss.local_weight": ("loss.name", ("fsc",)),
-    "loss.focal_gamma": ("loss.name", ("fsc",)),
-    "loss.negative_smoothing": ("loss.name", ("fsc",)),
-    "loss.label_smoothing": ("loss.name", ("ce",)),
-    "loss.siglip_bias_init": ("loss.name", ("siglip",)),
     "finetune.lora.alpha": ("finetune.lora.rank", ()),
     "finetune.lora.dropout": ("finetune.lora.rank", ()),
     "finetune.lora.targets": ("finetune.lora.rank", ()),
@@ -649,6 +636,19 @@ def _check_applicability(cfg: RunConfig) -> None:
             logging.getLogger("cliptune").warning("%s: has no effect unless %s (it is %r)", key, when, setting)
 
 
+def _warn_unused(section: Any, used: tuple[str, ...], prefix: str, why: str) -> None:
+    """Warn about each key of `section` changed from its default that nothing reads (`used` and the always-read)."""
+    import logging
+
+    always = {"name", "local_loss"}
+    for f in dataclasses.fields(section):
+        if f.name in always or f.name in used:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        if getattr(section, f.name) != default:
+            logging.getLogger("cliptune").warning("%s.%s: has no effect when %s", prefix, f.name, why)
+
+
 def _dotted(cfg: Any, key: str) -> Any:
     for part in key.split("."):
         cfg = getattr(cfg, part)
@@ -665,6 +665,12 @@ def check_training(cfg: RunConfig) -> None:
     from cliptune.losses import OBJECTIVES  # the objective table needs torch: loaded only when a run is checked
 
     name, spec = cfg.loss.name, OBJECTIVES[cfg.loss.name]
+    if spec.uses_text and cfg.train.batch_size < 2:
+        raise ConfigError(
+            f"train.batch_size: 1 with loss.name {name}: a contrastive loss needs at least 2 images per step (the "
+            "other images are each one's negatives); use 2 or more"
+        )
+    _warn_unused(cfg.loss, spec.settings, "loss", f"loss.name is {name}")
     if spec.labelled and cfg.data.labelled is None:
         raise ConfigError(f"loss.name {name}: classification fine-tuning needs data.labelled (a labelled image set)")
     if spec.tokens(cfg.loss) and cfg.train.chunk_size:

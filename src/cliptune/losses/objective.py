@@ -77,6 +77,7 @@ class ObjectiveSpec:
     token_loss: TokenLoss | None = None  # the loss on pooled and token features (when `tokens` says so)
     parameters: Callable[[LossConfig, ClipModel], dict[str, nn.Parameter]] = _no_parameters  # owned by the loss
     prepare: Callable[[RunConfig, ClipModel], ClipModel] | None = None  # changes the model before training
+    settings: tuple[str, ...] = ()  # the `loss.*` keys it reads (besides name and local_loss); others are warned about
 
 
 class Objective(nn.Module):
@@ -203,14 +204,24 @@ def _ce(
     return classification_loss(obj.cfg, model, image, _required(extras.group, "class labels"))
 
 
+_NEGATIVES = ("hard_negatives", "negative_kinds", "tagger")  # how many hard negatives, and how they are generated
+
 # loss.name -> its spec. A new objective adds one line here (its function beside the others, or in its own module).
 OBJECTIVES: dict[str, ObjectiveSpec] = {
     "clip": ObjectiveSpec(_clip),
-    "siglip": ObjectiveSpec(_siglip, parameters=_siglip_bias),
-    "negclip": ObjectiveSpec(_negclip, negatives=True),
-    "fsc": ObjectiveSpec(_fsc, negatives=True, tokens=lambda cfg: cfg.local_weight > 0, token_loss=_fsc_tokens),
+    "siglip": ObjectiveSpec(_siglip, parameters=_siglip_bias, settings=("siglip_bias_init",)),
+    "negclip": ObjectiveSpec(_negclip, negatives=True, settings=_NEGATIVES),
+    "fsc": ObjectiveSpec(
+        _fsc,
+        negatives=True,
+        tokens=lambda cfg: cfg.local_weight > 0,
+        token_loss=_fsc_tokens,
+        settings=(*_NEGATIVES, "global_weight", "local_weight", "focal_gamma", "negative_smoothing"),
+    ),
     "unicl": ObjectiveSpec(_unicl, groups=True),
-    "ce": ObjectiveSpec(_ce, groups=True, labelled=True, uses_text=False, prepare=with_class_head),
+    "ce": ObjectiveSpec(
+        _ce, groups=True, labelled=True, uses_text=False, prepare=with_class_head, settings=("label_smoothing",)
+    ),
 }
 
 
