@@ -77,13 +77,13 @@ def read_spec(path: Path) -> dict[str, Any]:
 
 
 def _check_spec(spec: Any, path: Path, prefix: str) -> None:
-    from cliptune.models import BACKENDS  # the backend table imports this module
+    from cliptune.models import BACKENDS, WRAPPERS  # the backend table imports this module
 
     if not isinstance(spec, dict):
         raise ModelError(f"{path}: {prefix or 'the top level'} must be a JSON object, got {type(spec).__name__}")
-    backend = spec.get("backend")
-    if not isinstance(backend, str) or backend not in BACKENDS:
-        raise ModelError(f"{path}: field {prefix}backend is {backend!r}; it must be one of {', '.join(BACKENDS)}")
+    backend, known = spec.get("backend"), [*BACKENDS, *WRAPPERS]
+    if not isinstance(backend, str) or backend not in known:
+        raise ModelError(f"{path}: field {prefix}backend is {backend!r}; it must be one of {', '.join(known)}")
     for key, value in spec.items():
         expected = _FIELD_TYPES.get(key)
         if expected is not None and (not isinstance(value, expected) or (expected is int and isinstance(value, bool))):
