@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cliptune.config import ModelConfig, TableSpec
+from cliptune.config import CompositionalitySpec, ModelConfig, TableSpec
 from cliptune.data import CaptionTable, DataError, read_caption_table
 from cliptune.data.negatives import NegativeGenerator
 from cliptune.eval.compositionality import (
@@ -120,6 +120,19 @@ def test_jsonl_negatives_may_be_a_bar_separated_string_and_paths_may_use_a_root(
     assert table.negatives == [["a green square", "a square red"]]
 
 
+def test_config_names_sugarcrepe_columns(pictures, tmp_path):
+    """eval.compositionality's image_key / caption_key / negatives_key read SugarCrepe's own column names."""
+    from cliptune import config
+    from cliptune.eval import compositionality_table
+
+    rows = [{"filename": "0.png", "caption": "a red square", "negative_caption": "a green square"}]
+    path = write_rows(tmp_path / "swap_att.jsonl", rows)
+    keys = {"image_key": "filename", "negatives_key": "negative_caption", "images_root": str(pictures / "images")}
+    cfg = config.build({"eval": {"compositionality": [{"path": str(path), **keys}]}})
+    table = compositionality_table(cfg.eval.compositionality[0])
+    assert table.images == [pictures / "images" / "0.png"] and table.negatives == [["a green square"]]
+
+
 def test_rows_with_unreadable_images_are_skipped_and_counted(pictures, caplog):
     (pictures / "images" / "broken.png").write_text("not an image")
     rows = [*ROWS, {**ROWS[1], "image": "images/missing.png"}, {**ROWS[1], "image": "images/broken.png"}]
@@ -136,7 +149,7 @@ def test_rows_with_unreadable_images_are_skipped_and_counted(pictures, caplog):
 @pytest.mark.parametrize(
     "name, content, message",
     [
-        ("t.csv", "image,caption\nimages/0.png,a dog\n", r"t.csv: no column 'negatives'.*`negatives_column`"),
+        ("t.csv", "image,caption\nimages/0.png,a dog\n", r"t.csv: no column 'negatives'.*`negatives_key`"),
         ("t.csv", 'image,caption,negatives\nimages/0.png,a dog,"[""a cat"",]"\n', r"line 2, column 'negatives'.*JSON"),
         ("t.csv", "image,caption,negatives\nimages/0.png,a dog, | \n", r"line 2, column 'negatives': no false caption"),
         ("t.csv", "image,caption,negatives\n,a dog,a cat\n", r"line 2, column 'image': the image path is missing"),
@@ -185,3 +198,16 @@ def test_build_command(shapes, tmp_path, capsys):
     assert len(table) == 32 and all(1 <= len(n) <= 2 for n in table.negatives)
     assert main(["build", "--data", str(tmp_path / "nope.csv"), "--out", str(out)]) == 2
     assert "nope.csv" in capsys.readouterr().err
+
+
+def test_cliptune_eval_scores_a_compositionality_table(pictures, tmp_path):
+    """`cliptune.evaluate` with `negatives_key` (the CLI's --negatives-key) gives the eval suite's own accuracy."""
+    import cliptune
+    from cliptune.eval import Encoding, compositionality_table
+    from cliptune.eval.compositionality import evaluate_compositionality
+
+    path = write_rows(tmp_path / "t.jsonl", [{**r, "image": str(pictures / r["image"])} for r in ROWS])
+    model = cliptune.load("cliptune-tiny-vit").model
+    table = compositionality_table(CompositionalitySpec(str(path)))
+    direct = evaluate_compositionality(Encoding(model, "fp32", 8), table)
+    assert cliptune.evaluate(model, {"path": str(path), "negatives_key": "negatives"}) == direct

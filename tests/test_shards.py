@@ -233,3 +233,16 @@ def test_command_line_writes_shards(data: dict, tmp_path: Path, capsys: pytest.C
     assert "wrote 3 samples in 2 shards" in capsys.readouterr().out
     with tarfile.open(tmp_path / "out" / "shard-000000.tar") as tar:
         assert Image.open(io.BytesIO(tar.extractfile("000000000.png").read())).size == (16, 16)
+
+
+def test_captions_under_another_json_key(data: dict, tmp_path: Path) -> None:
+    """data.shard_caption_key: shards from other tools keep captions under their own key (README bug, issue 11.7)."""
+    shard = tmp_path / "other.tar"
+    with wds.TarWriter(str(shard)) as sink:
+        for index in data["good"][:3]:
+            image = data["table"].images[index]
+            sink.write({"__key__": f"{index:09d}", "png": image.read_bytes(), "json": {"text": f"shape {index}"}})
+    got = sorted(identify(data, s) for s in stream(data, [shard], caption_key="text"))
+    assert got == [(i, f"shape {i}") for i in sorted(data["good"][:3])]
+    with pytest.raises(DataError, match=r"no json 'captions'.*json keys: 'text'.*data.shard_caption_key"):
+        next(iter(stream(data, [shard])))

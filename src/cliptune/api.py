@@ -7,13 +7,13 @@ from pathlib import Path
 from typing import Any
 
 from cliptune import config as config_mod
-from cliptune.config import RunConfig, TableSpec, ZeroShotSpec
+from cliptune.config import CompositionalitySpec, RunConfig, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
 from cliptune.eval import Encoding, evaluate_retrieval, evaluate_zeroshot
 from cliptune.inference import Encoder, load, load_any
 from cliptune.models import ClipModel
 
-DatasetSpec = str | Path | dict[str, Any] | TableSpec | ZeroShotSpec
+DatasetSpec = str | Path | dict[str, Any] | TableSpec | ZeroShotSpec | CompositionalitySpec
 
 
 def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -72,23 +72,30 @@ def is_labelled_images(path: str | Path) -> bool:
     return Path(path).is_dir() or Path(path).suffix == ".txt"
 
 
-def _dataset(spec: DatasetSpec) -> TableSpec | ZeroShotSpec:
-    if isinstance(spec, (TableSpec, ZeroShotSpec)):
+def _dataset(spec: DatasetSpec) -> TableSpec | ZeroShotSpec | CompositionalitySpec:
+    if isinstance(spec, (TableSpec, ZeroShotSpec, CompositionalitySpec)):
         return spec
     if not isinstance(spec, dict):
         spec = {"path": str(spec)}
     zeroshot = "templates" in spec or "classnames" in spec or is_labelled_images(spec.get("path", ""))
     # the table reader names the supported formats if the file is neither
-    return config_mod.from_dict(ZeroShotSpec if zeroshot else TableSpec, spec, prefix="dataset")
+    kind = ZeroShotSpec if zeroshot else CompositionalitySpec if "negatives_key" in spec else TableSpec
+    return config_mod.from_dict(kind, spec, prefix="dataset")
 
 
 def evaluate(
     model: Encoder | ClipModel | str | Path, dataset: DatasetSpec, batch_size: int = 64, precision: str | None = None
 ) -> dict[str, float]:
-    """Retrieval metrics for a caption table, or zero-shot classification metrics for a labelled image set."""
+    """Retrieval metrics for a caption table, zero-shot classification metrics for a labelled image set, or
+    compositionality accuracy for a table of true and false captions (a dataset dict with `negatives_key`)."""
     encoder = model if isinstance(model, Encoder) else Encoder(load_any(model))
     encoding = Encoding(encoder.model, precision or encoder.precision, batch_size)
     spec = _dataset(dataset)
+    if isinstance(spec, CompositionalitySpec):
+        from cliptune.eval import compositionality_table
+        from cliptune.eval.compositionality import evaluate_compositionality
+
+        return evaluate_compositionality(encoding, compositionality_table(spec))
     if isinstance(spec, TableSpec):
         return evaluate_retrieval(encoding, read_caption_table(spec))
     return evaluate_zeroshot(encoding, read_classification(spec), spec.templates)

@@ -44,6 +44,10 @@ def _dataset_arg(args: argparse.Namespace) -> dict:
     if is_labelled_images(args.data):
         if args.templates:
             spec["templates"] = args.templates
+        if args.classnames:
+            spec["classnames"] = args.classnames
+    elif args.negatives_key:  # a compositionality table: true caption ranked against its false ones
+        spec.update(image_key=args.image_key, caption_key=args.caption_key, negatives_key=args.negatives_key)
     else:
         spec.update(image_key=args.image_key, caption_key=args.caption_key, split=args.split)
     if args.images_root:
@@ -206,6 +210,12 @@ def _parser() -> argparse.ArgumentParser:
         if name == "eval":
             cmd.add_argument("--data", required=True, help="caption table (.csv/.tsv/.jsonl), class folder or list")
             cmd.add_argument("--templates", nargs="+", default=None, help="zero-shot prompt templates with {}")
+            cmd.add_argument("--classnames", nargs="+", default=None, help="zero-shot class names in label order")
+            cmd.add_argument(
+                "--negatives-key",
+                default=None,
+                help="score a compositionality table instead: the column of false captions (e.g. negatives)",
+            )
             cmd.add_argument("--split", default=None, help="Karpathy-split .json only: train, val, test, ...")
             cmd.add_argument("--out", default=None, help="also write the metrics to this JSON file")
         else:

@@ -144,6 +144,9 @@ class CompositionalitySpec:
     path: str = _doc(doc="CSV, TSV or JSONL with columns image, caption, negatives")
     name: str = _doc("", "name used in metrics and results (defaults to the file stem)")
     images_root: str | None = _doc(None, "folder image paths are relative to (default: the table's folder)")
+    image_key: str = _doc("image", "column holding the image path")
+    caption_key: str = _doc("caption", "column holding the true caption")
+    negatives_key: str = _doc("negatives", "column holding the false captions (a list, or `|`-separated text)")
 
     def __post_init__(self) -> None:
         if not self.name:
@@ -163,6 +166,7 @@ class DataConfig:
     shard_resample: bool = _doc(False, "shards: draw shards with replacement (needs data.samples_per_epoch)")
     samples_per_epoch: int | None = _doc(None, "shards: samples per epoch (default: all samples of the manifest)")
     shuffle_buffer: int = _doc(1000, "shards: samples in the shuffle buffer")
+    shard_caption_key: str = _doc("captions", "shards: key of each sample's json holding its caption(s)")
 
     def __post_init__(self) -> None:
         given = [k for k in ("train", "labelled", "shards") if getattr(self, k) is not None]
@@ -620,6 +624,7 @@ _APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "finetune.lora.towers": ("finetune.lora.rank", ()),
     "data.shard_resample": ("data.shards", ()),
     "data.shuffle_buffer": ("data.shards", ()),
+    "data.shard_caption_key": ("data.shards", ()),
 }
 
 

@@ -188,8 +188,10 @@ class ShardStream(IterableDataset):
         rank: int | None = None,
         world_size: int | None = None,
         manifest: str | Path | None = None,
+        caption_key: str = "captions",
     ) -> None:
         super().__init__()
+        self.caption_key = caption_key
         self.urls, self.counts = _resolve_source(source, manifest)
         self.transform = transform
         self.tokenize = tokenize
@@ -309,7 +311,7 @@ class ShardStream(IterableDataset):
                 self.failed.add(where)
                 logger.warning("%s: could not be decoded (%s); skipping it in training", where, e)
             return None
-        captions = _captions(meta, raw, where)
+        captions = _captions(meta, raw, where, self.caption_key)
         key = meta.get("key", raw["__key__"])
         tokens = self.tokenize([captions[caption_index(self.seed, self.epoch, key, len(captions))]])
         # augmentation seeded per (seed, epoch, sample), as TrainPairs does: the same whatever the ranks and workers
@@ -331,13 +333,22 @@ def _decode(raw: dict[str, Any]) -> Image.Image:
         return to_rgb(image)
 
 
-def _captions(meta: dict[str, Any], raw: dict[str, Any], where: str) -> list[str]:
-    """The json's caption list, or the `.txt` caption of shards written by other tools (img2dataset)."""
-    if meta.get("captions"):
-        return list(meta["captions"])
+def _captions(meta: dict[str, Any], raw: dict[str, Any], where: str, key: str = "captions") -> list[str]:
+    """The json's caption list (or single caption) under `key`, else the `.txt` caption of shards written by other
+    tools (img2dataset)."""
+    value = meta.get(key)
+    if isinstance(value, str) and value.strip():
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(c, str) for c in value):
+        return list(value)
+    if value:
+        raise DataError(f"{where}: json {key!r} is {type(value).__name__}; it must be a caption or a list of them")
     if "txt" in raw:
         return [raw["txt"].decode("utf-8")]
-    raise DataError(f"{where}: no captions (neither a json 'captions' list nor a .txt file)")
+    found = ", ".join(repr(k) for k in meta) or "none"
+    raise DataError(
+        f"{where}: no captions (no json {key!r}, no .txt file; json keys: {found}); set data.shard_caption_key"
+    )
 
 
 def _every(items: Any, start: int, step: int) -> Any:

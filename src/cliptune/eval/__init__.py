@@ -29,7 +29,7 @@ class EvalSuite:
         return cls(
             retrieval=[read_caption_table(spec) for spec in cfg.retrieval],
             zeroshot=[(read_classification(spec), spec.templates) for spec in cfg.zeroshot],
-            compositionality=[_compositionality(spec) for spec in cfg.compositionality],
+            compositionality=[compositionality_table(spec) for spec in cfg.compositionality],
             batch_size=cfg.batch_size,
         )
 
@@ -50,10 +50,12 @@ class EvalSuite:
         return results
 
 
-def _compositionality(spec: CompositionalitySpec) -> CompositionalityTable:
+def compositionality_table(spec: CompositionalitySpec) -> CompositionalityTable:
     from cliptune.eval.compositionality import read_compositionality_table
 
-    table = read_compositionality_table(spec.path, root=spec.images_root)
+    table = read_compositionality_table(
+        spec.path, spec.image_key, spec.caption_key, spec.negatives_key, root=spec.images_root
+    )
     table.name = spec.name
     return table
 
@@ -61,6 +63,7 @@ def _compositionality(spec: CompositionalitySpec) -> CompositionalityTable:
 __all__ = [
     "Encoding",
     "EvalSuite",
+    "compositionality_table",
     "evaluate_retrieval",
     "evaluate_zeroshot",
     "zeroshot_classifier",

@@ -104,14 +104,14 @@ class _Columns:
 
     def missing(self, key: str, where: str, present: list[str]) -> DataError:
         parameter, holds = {
-            self.image: ("image_column", "image paths"),
-            self.caption: ("caption_column", "true captions"),
-            self.negatives: ("negatives_column", "false captions"),
+            self.image: ("image_key", "image paths"),
+            self.caption: ("caption_key", "true captions"),
+            self.negatives: ("negatives_key", "false captions"),
         }[key]
         names = ", ".join(repr(c) for c in present) or "(none)"
         return DataError(
             f"{where}: no column {key!r}; the columns are {names}. "
-            f"Set `{parameter}` to the column that holds the {holds}"
+            f"Set `{parameter}` of this eval.compositionality set to the column that holds the {holds}"
         )
 
 

@@ -117,6 +117,7 @@ def shard_stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: 
         shuffle_buffer=cfg.data.shuffle_buffer,
         resample=cfg.data.shard_resample,
         samples_per_epoch=cfg.data.samples_per_epoch,
+        caption_key=cfg.data.shard_caption_key,
         rank=where.rank,
         world_size=where.size,
     )
@@ -124,6 +125,14 @@ def shard_stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: 
 
 def steps_per_epoch(cfg: RunConfig, dataset: TrainPairs | ShardStream, where: World) -> int:
     if isinstance(dataset, TrainPairs):
+        if len(dataset) < cfg.train.batch_size:
+            log.warning(
+                "train.batch_size %d is larger than the %d usable training images: every step is one batch of all "
+                "of them (%d negatives per image); lower train.batch_size or add data",
+                cfg.train.batch_size,
+                len(dataset),
+                len(dataset) - 1,
+            )
         return len(make_loader(cfg, dataset, epoch=0, where=where))
     # Shards are whole files per rank, so ranks may hold different numbers of samples: every rank stops at the
     # poorest rank's count, the same in every epoch so the schedule's length is known up front.
