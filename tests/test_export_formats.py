@@ -12,6 +12,7 @@ import open_clip
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel
 
 import cliptune
@@ -22,6 +23,7 @@ from cliptune.models.openclip import create
 from cliptune.models.prompted import add_prompts
 from cliptune.tuning.wise import interpolated_model
 from tests.test_export_onnx import tuned
+from tests.test_train import run_config
 from tests.test_wise import fake_run
 
 CAPTIONS = ["a photo of a cat", "A big, RED square!", "", "café au lait — naïve “quotes” ﬁsh", "dog " * 90]
@@ -204,3 +206,21 @@ def test_clip_tokenizer_gives_open_clips_ids(tmp_path: Path) -> None:
     ends = ours.argmax(axis=1)  # open_clip's <end_of_text> is the highest id
     np.testing.assert_array_equal(content, np.arange(77)[None, :] <= ends[:, None])
     np.testing.assert_array_equal(theirs["input_ids"][content], ours[content])
+
+
+@pytest.mark.slow
+def test_a_trained_run_exports_its_ema_weights_with_lora_merged(shapes, tmp_path: Path) -> None:
+    cfg = run_config(shapes, tmp_path, epochs=1)
+    cfg["finetune"] = {"ema_decay": 0.5, "lora": {"rank": 2}}
+    run = Path(cliptune.finetune(cfg)["run_dir"])
+    report = cliptune.export(str(run), "open_clip", tmp_path / "oc")
+    weights = load_file(str(tmp_path / "oc" / "open_clip_model.safetensors"))
+    assert not any("lora" in key for key in weights), "adapters are merged, not exported beside the weights"
+    loaded = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'oc'}")[0].eval()
+    tokens = open_clip.get_tokenizer(f"local-dir:{tmp_path / 'oc'}")(CAPTIONS)
+    with torch.no_grad():
+        got = loaded.encode_text(tokens, normalize=True).numpy()
+    ema = cliptune.load(str(run), device="cpu").encode_texts(CAPTIONS)  # the run's model: EMA weights
+    raw = cliptune.load(str(run / "model_raw"), device="cpu").encode_texts(CAPTIONS)
+    assert np.abs(got - ema).max() <= 1e-5 and report["max_abs_diff"] <= 1e-5
+    assert np.abs(got - raw).max() > 1e-4, "the raw (non-EMA) weights would embed differently"
