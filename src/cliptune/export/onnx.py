@@ -100,7 +100,7 @@ def _trace_any_length(model: ClipModel, tokenizer: Any, text: dict[str, torch.Te
     length = int(shorter["input_ids"].shape[1]) // 2
     feed = {k: v[:, :length].numpy() for k, v in shorter.items()}
     try:
-        got = encode(session(path), feed)
+        got = encode(session(path, quiet=True), feed)
     except Exception:  # onnxruntime's shape errors have no public class: any failure means "not dynamic"
         return False
     with torch.no_grad():
@@ -149,11 +149,12 @@ def encode(session: Any, inputs: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(["embeddings"], inputs)[0]
 
 
-def session(path: Path) -> Any:
+def session(path: Path, quiet: bool = False) -> Any:
+    """An onnxruntime CPU session; `quiet` also silences errors (for a probe whose failure is an answer)."""
     import onnxruntime as ort
 
     options = ort.SessionOptions()
-    options.log_severity_level = 3  # errors only: ORT warns about unused initialisers the exporter leaves
+    options.log_severity_level = 4 if quiet else 3  # ORT warns about unused initialisers the exporter leaves
     return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
 
 
