@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import difflib
 import json
 import logging
@@ -189,7 +190,14 @@ class OpenClipModel(ClipModel):
 
         if not hasattr(self._tokenizer, "sot_token_id"):
             return f"{self.arch!r} uses a Hugging Face tokenizer, not CLIP's BPE"
-        return refusal(self.model)
+        return self._tokenizer_refusal() or refusal(self.model)
+
+    def _tokenizer_refusal(self) -> str | None:
+        """Why CLIP's transformers tokenizer cannot reproduce this model's BPE tokenizer settings, if it cannot."""
+        settings = self.model_cfg()["text_cfg"].get("tokenizer_kwargs", {})
+        if set(settings) - {"clean"} or settings.get("clean", "lower") != "lower":
+            return f"its tokenizer settings {settings} (CLIP's tokenizer lower-cases and does nothing else)"
+        return None
 
     def model_cfg(self) -> dict[str, Any]:
         """open_clip's architecture config of this model, as `open_clip_config.json` stores it."""
@@ -225,11 +233,11 @@ class OpenClipModel(ClipModel):
 
         inner = getattr(self._tokenizer, "tokenizer", None)  # open_clip's HFTokenizer wraps a transformers one
         if not hasattr(self._tokenizer, "sot_token_id") and inner is not None:
+            inner = copy.copy(inner)
             inner.model_max_length = self._tokenizer.context_length
             return inner
-        settings = self.model_cfg()["text_cfg"].get("tokenizer_kwargs", {})
-        if any(v != "lower" for v in settings.values()) or set(settings) - {"clean"}:
-            why = f"its tokenizer settings {settings} (CLIP's tokenizer lower-cases and nothing else)"
+        why = self._tokenizer_refusal()
+        if why is not None:
             raise self.cannot_export("onnx", f"no transformers tokenizer reproduces {self.arch!r}'s: {why}")
         return clip_tokenizer(self._tokenizer.context_length)
 
