@@ -57,13 +57,15 @@ def finetune(
     Keyword overrides take nested dicts (`optim={"lr": 1e-4}`) or dotted names (`**{"optim.lr": 1e-4}`);
     `overrides` takes CLI-style `key=value` strings.
     """
-    from cliptune.train.loop import fit  # training code is only imported by whoever trains
+    from cliptune.train.guard import owned_run  # training code is only imported by whoever trains
+    from cliptune.train.loop import fit
     from cliptune.train.setup import build_trainer
 
     _console_logging()
     cfg = resolve_config(config, overrides, **kwargs)
-    trainer = build_trainer(cfg, resume=resume)
-    results = fit(trainer, callbacks)
+    with owned_run(cfg.run_dir):
+        trainer = build_trainer(cfg, resume=resume)
+        results = fit(trainer, callbacks)
     return {**results, "run_dir": str(trainer.run_dir)}
 
 

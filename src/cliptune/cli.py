@@ -9,6 +9,7 @@ from pathlib import Path
 
 from cliptune.config import ConfigError
 from cliptune.utils.files import atomic_write
+from cliptune.utils.lock import FolderInUseError
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -287,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         args.options = [*unknown, *args.options]
     try:
         return args.func(args)
-    except (ConfigError, ValueError, OSError) as e:  # the project's errors are ValueError subclasses
+    except (ConfigError, ValueError, OSError, FolderInUseError) as e:  # the project's errors are ValueError subclasses
         print(f"cliptune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

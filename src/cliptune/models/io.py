@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 
 from cliptune.models.base import ClipModel
 from cliptune.models.errors import ModelError
-from cliptune.utils.files import atomic_write
+from cliptune.utils.files import atomic_write, tensor_bytes
 from cliptune.utils.paths import inside
 
 SPEC_FILE = "model.json"
@@ -50,8 +50,9 @@ def state_for_saving(model: ClipModel) -> dict[str, torch.Tensor]:
 def save_model(model: ClipModel, folder: str | Path) -> Path:
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    with atomic_write(folder / WEIGHTS_FILE) as tmp:
-        save_file(state_for_saving(model), str(tmp))
+    weights = state_for_saving(model)
+    with atomic_write(folder / WEIGHTS_FILE, needed=tensor_bytes(weights)) as tmp:
+        save_file(weights, str(tmp))
     model.save_assets(folder)
     write_spec(model, folder)
     return folder

@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from cliptune.models.errors import ModelError
 from cliptune.models.io import load_weights_file, state_for_saving
-from cliptune.utils.files import atomic_dir, atomic_write
+from cliptune.utils.files import atomic_dir, atomic_write, tensor_bytes, writing
 from cliptune.utils.paths import inside
 
 if TYPE_CHECKING:
@@ -118,7 +118,8 @@ def _join(node: Any, tensors: dict[str, torch.Tensor], source: Path) -> Any:
 def write_state(folder: Path, payload: dict[str, Any]) -> None:
     tensors: dict[str, torch.Tensor] = {}
     data = {"format": FORMAT, **_split(payload, tensors, "state")}
-    save_file(tensors, str(folder / STATE_TENSORS))
+    with writing(folder / STATE_TENSORS, tensor_bytes(tensors)):
+        save_file(tensors, str(folder / STATE_TENSORS))
     (folder / STATE_JSON).write_text(json.dumps(data))
 
 
@@ -181,7 +182,9 @@ def save_checkpoint(trainer: Trainer) -> Path:
     folder, state = checkpoint_folder(trainer.run_dir), trainer.state
     target = folder / f"epoch_{state.epoch}"
     with atomic_dir(target) as tmp:
-        save_file(state_for_saving(trainer.model), str(tmp / WEIGHTS))
+        weights = state_for_saving(trainer.model)
+        with writing(tmp / WEIGHTS, tensor_bytes(weights)):
+            save_file(weights, str(tmp / WEIGHTS))
         write_state(tmp, {"epoch": state.epoch, "step": state.step, "rng": rng_state(), **training_state(trainer)})
     with atomic_write(folder / LATEST) as tmp:
         tmp.write_text(target.name)

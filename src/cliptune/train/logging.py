@@ -7,6 +7,8 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from cliptune.utils.files import atomic_write
+
 log = logging.getLogger("cliptune")
 
 METRICS_FILE = "metrics.jsonl"
@@ -59,15 +61,37 @@ class SilentLog:
 
 
 def read_jsonl(path: Path) -> list[dict[str, Any]]:
+    """The records of a run's JSONL log. A last line cut short (a run killed while writing it) is dropped with a
+    warning; any other line that is not a JSON record is an error naming the file and the line."""
     if not path.is_file():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = path.read_text(errors="replace").splitlines()
+    records = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            record = None
+        if isinstance(record, dict):
+            records.append(record)
+        elif number == len(lines):
+            log.warning("%s: line %d is half-written (the run was killed while writing it); dropped", path, number)
+        else:
+            raise ValueError(
+                f"{path}, line {number}: not a JSON record ({line[:60]!r}); remove that line to resume the run"
+            )
+    return records
 
 
 def truncate_after(path: Path, epoch: int) -> None:
     """Drop records past `epoch`: a run killed after logging but before its checkpoint replays that epoch."""
-    records = [r for r in read_jsonl(path) if r["epoch"] <= epoch]
-    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    if not path.is_file():
+        return
+    records = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epoch]
+    with atomic_write(path) as tmp:
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
 def evaluations(run_dir: Path) -> dict[int, dict[str, dict[str, float]]]:

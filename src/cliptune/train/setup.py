@@ -33,6 +33,7 @@ from cliptune.train.checkpoint import (
 from cliptune.train.data import shard_stream, steps_per_epoch, train_dataset, training_table
 from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
+from cliptune.train.guard import check_progress, check_training_data
 from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, log, truncate_after
 from cliptune.train.optim import build_optimizer, build_scheduler
 from cliptune.tuning.ema import EMA
@@ -201,6 +202,8 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     train_table, labels = training_table(cfg)
     suite = EvalSuite.from_config(cfg.eval)
     checkpoint = prepare_run_dir(cfg, resume, where)
+    if where.main:
+        check_training_data(cfg.run_dir, train_table, checkpoint is not None)
     seed_everything(cfg.runtime.seed)
     model, locked = _prepare_model(cfg, checkpoint is not None, where)
     objective = Objective(cfg.loss, model)
@@ -315,6 +318,7 @@ def _restore(
     objective: Objective,
     where: World,
 ) -> int:
+    check_progress(checkpoint, state.epoch, cfg.train.epochs)
     skipped = restore_training(rest, optimizer, scheduler, ema, objective, checkpoint)
     if where.main:
         for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 from cliptune.config import ConfigError, FinetuneConfig, LoraConfig
 from cliptune.models.base import ClipModel, Tower
 from cliptune.tuning.locking import fully_locked_towers
-from cliptune.utils.files import atomic_write
+from cliptune.utils.files import atomic_write, tensor_bytes
 
 
 @dataclass(frozen=True)
@@ -129,7 +129,7 @@ def changing_state(model: ClipModel, adapted: list[str]) -> dict[str, torch.Tens
 
 
 def save_initial_state(state: dict[str, torch.Tensor], path: Path) -> None:
-    with atomic_write(path) as tmp:
+    with atomic_write(path, needed=tensor_bytes(state)) as tmp:
         save_file(state, str(tmp))
 
 

@@ -1,0 +1,279 @@
+"""What killed, concurrent and starved runs leave behind: stale temporaries, the run lock, a full disk, resuming."""
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import cliptune
+from cliptune.config import ConfigError
+from cliptune.train.checkpoint import TrainState, latest_checkpoint, save_checkpoint
+from cliptune.train.logging import read_jsonl, truncate_after
+from cliptune.utils.files import HOST, atomic_write, inside, remove_stale_temporaries, temporary_name
+from cliptune.utils.lock import LOCK_FILE, FolderInUseError, FolderLock
+from tests.test_train import run_config, write_yaml
+
+
+def _dead_pid() -> int:
+    proc = subprocess.Popen([sys.executable, "-c", "pass"])
+    proc.wait()
+    return proc.pid
+
+
+def _cli(*args: str, limit: int | None = None) -> subprocess.CompletedProcess:
+    def fsize_limit() -> None:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+
+    return subprocess.run(
+        [sys.executable, "-m", "cliptune.cli", *args],
+        capture_output=True,
+        text=True,
+        preexec_fn=fsize_limit if limit else None,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Temporaries of dead writers
+
+
+def test_only_dead_writers_temporaries_are_removed(tmp_path):
+    dead = _dead_pid()
+    stale = [
+        tmp_path / f".epoch_3.{dead}@{HOST}.tmp",  # a half-written checkpoint folder
+        tmp_path / f".initial.safetensors.{dead}@{HOST}.tmp",
+        tmp_path / "model" / f".model.safetensors.{dead}@{HOST}.tmp",
+        tmp_path / f".epoch_2.tmp{dead}",  # named by an older release
+    ]
+    kept = [
+        tmp_path / f".epoch_4.{os.getpid()}@{HOST}.tmp",  # a live writer's
+        tmp_path / f".epoch_5.{dead}@another-host.tmp",  # a writer on another machine cannot be checked
+        tmp_path / "epoch_1",
+        tmp_path / "notes.tmp",
+    ]
+    for path in stale[:1] + kept[:2] + kept[2:3]:
+        (path / "sub").mkdir(parents=True)
+        (path / "sub" / "state.pt").write_bytes(b"x" * 1000)
+    for path in stale[1:] + kept[3:]:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"y" * 10)
+    removed, freed = remove_stale_temporaries(tmp_path)
+    assert sorted(removed) == sorted(stale) and freed == 1030
+    assert all(p.exists() for p in kept) and not any(p.exists() for p in stale)
+
+
+def test_atomic_write_names_its_temporary_after_the_writer(tmp_path):
+    target = tmp_path / "results.json"
+    with atomic_write(target) as tmp:
+        assert tmp == temporary_name(target) and tmp.name == f".results.json.{os.getpid()}@{HOST}.tmp"
+        tmp.write_text("{}")
+    assert target.read_text() == "{}" and not tmp.exists()
+
+
+def test_checkpoint_pruning_removes_dead_writers_checkpoints(tmp_path):
+    model, dead = torch.nn.Linear(2, 2), _dead_pid()
+    folder = tmp_path / "checkpoints"
+    (folder / f".epoch_2.{dead}@{HOST}.tmp").mkdir(parents=True)
+    (folder / f".epoch_9.{os.getpid()}@{HOST}.tmp").mkdir()  # this process's own write in progress: kept
+    for epoch in (1, 2):
+        save_checkpoint(folder, model, {}, TrainState(epoch, epoch), keep=1)
+    assert sorted(p.name for p in folder.iterdir()) == sorted(
+        ["epoch_2", "latest", f".epoch_9.{os.getpid()}@{HOST}.tmp"]
+    )
+
+
+def test_inside_resolves_dots_and_symlinks(tmp_path):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "a").mkdir(parents=True)
+    outside.mkdir()
+    (root / "link").symlink_to(outside)
+    assert inside(root / "a" / "x.png", [root])
+    assert not inside(root / ".." / "outside" / "x.png", [root])
+    assert not inside(root / "link" / "x.png", [root])
+    assert inside(root / "link" / "x.png", [root, outside])
+    assert not inside("/etc/passwd", [root])
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The run lock
+
+_HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from cliptune.utils.lock import FolderLock
+    lock = FolderLock(Path(sys.argv[1])).acquire()
+    print("locked", flush=True)
+    sys.stdin.read()  # hold the lock until the test closes stdin (or kills this process)
+    lock.release()
+    """
+)
+
+
+def _holder(folder: Path) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _HOLDER, str(folder)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_second_training_into_a_locked_run_folder_stops_at_once(shapes, tmp_path):
+    config = write_yaml(run_config(shapes, tmp_path / "runs", epochs=1), tmp_path / "c.yaml")
+    run_dir = tmp_path / "runs" / "run"
+    holder = _holder(run_dir)
+    try:
+        with pytest.raises(FolderInUseError, match=rf"in use: process {holder.pid} on {HOST}"):
+            FolderLock(run_dir).acquire()
+        proc = _cli("train", str(config))
+        assert sorted(p.name for p in run_dir.iterdir()) == [LOCK_FILE], "the refused run wrote into the folder"
+    finally:
+        holder.stdin.close()
+        holder.wait()
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert f"{run_dir} is in use: process {holder.pid} on {HOST}" in proc.stderr
+    with FolderLock(run_dir):  # released by its owner: free again, and the file goes with the owner
+        assert json.loads((run_dir / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_lock_of_a_killed_process_is_taken_over_with_a_message(tmp_path, caplog):
+    holder = _holder(tmp_path)
+    holder.send_signal(signal.SIGKILL)
+    holder.wait()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == holder.pid
+    with caplog.at_level(logging.WARNING, logger="cliptune"), FolderLock(tmp_path):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    assert f"taking over the lock of process {holder.pid} on {HOST}, which is gone" in caplog.text
+
+
+@pytest.mark.slow
+def test_two_trainings_started_together_one_is_refused(shapes, tmp_path):
+    config = write_yaml(run_config(shapes, tmp_path / "runs", epochs=1, eval__retrieval=[]), tmp_path / "c.yaml")
+    cmd = [sys.executable, "-m", "cliptune.cli", "train", str(config)]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    codes = sorted(p.returncode for p in procs)
+    assert codes == [0, 2], [o[1][-2000:] for o in outs]
+    refused = next(err for p, (_, err) in zip(procs, outs) if p.returncode == 2)
+    winner = next(p for p in procs if p.returncode == 0)
+    assert f"is in use: process {winner.pid} on {HOST}" in refused and "Traceback" not in refused
+    records = read_jsonl(tmp_path / "runs" / "run" / "train.jsonl")
+    assert [r["step"] for r in records] == sorted({r["step"] for r in records}), "steps logged twice"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Disk full (a file-size limit in a subprocess)
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_full_disk_before_any_checkpoint_names_the_file_and_the_space(shapes, tmp_path):
+    config = write_yaml(run_config(shapes, tmp_path / "runs", epochs=1), tmp_path / "c.yaml")
+    proc = _cli("train", str(config), limit=2_000_000)
+    run_dir = tmp_path / "runs" / "run"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert f"could not write {run_dir / 'initial.safetensors'} (over the file-size limit)" in message
+    assert "it needs about 13.6 MB" in message and "files of at most 2.0 MB (`ulimit -f`)" in message
+    assert "No checkpoint had been written yet" in message
+    assert not [p for p in run_dir.rglob(".*") if p.name.endswith(".tmp")], "a temporary was left"
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_keeps_the_previous_one(shapes, tmp_path):
+    config = write_yaml(run_config(shapes, tmp_path / "runs", epochs=1, eval__retrieval=[]), tmp_path / "c.yaml")
+    assert _cli("train", str(config)).returncode == 0
+    run_dir = tmp_path / "runs" / "run"
+    first = run_dir / "checkpoints" / "epoch_1"
+    before = _digest(first)
+    shutil.rmtree(run_dir / "model")  # the second session ends by writing it again
+    # 20 MB: the weights (13.6 MB) fit, the optimizer state beside them does not
+    proc = _cli("train", str(config), "--resume", "train.epochs=2", limit=20_000_000)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    message = proc.stderr.strip().splitlines()[-1]
+    assert f"could not write {run_dir / 'checkpoints' / 'epoch_2'}" in message and "it needs about" in message
+    assert f"The previous checkpoint, {first}, is intact" in message and "--resume" in message
+    assert latest_checkpoint(run_dir / "checkpoints") == first and _digest(first) == before
+    assert not [p for p in run_dir.rglob(".*") if p.name.endswith(".tmp")], "a temporary was left"
+    assert not (run_dir / LOCK_FILE).exists()
+
+
+def test_disk_full_error_is_an_oserror_with_a_plain_message(tmp_path):
+    code = textwrap.dedent(
+        f"""
+        import resource
+        from cliptune.utils.files import atomic_write, DiskFullError
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1000, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+        try:
+            with atomic_write({str(tmp_path / "big.bin")!r}, needed=5000) as tmp:
+                tmp.write_bytes(b"x" * 5000)
+        except DiskFullError as e:
+            print(isinstance(e, OSError), e)
+        """
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout
+    assert out.startswith(f"True could not write {tmp_path / 'big.bin'} (over the file-size limit): it needs about")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Resume integrity
+
+
+def test_half_written_log_line_is_dropped_and_a_bad_one_named(tmp_path, caplog):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text('{"epoch": 0, "step": 0}\n{"epoch": 1, "step": 6}\n{"epoch": 2, "st')
+    with caplog.at_level(logging.WARNING, logger="cliptune"):
+        truncate_after(path, 1)
+    assert "line 3 is half-written" in caplog.text
+    assert read_jsonl(path) == [{"epoch": 0, "step": 0}, {"epoch": 1, "step": 6}]
+    path.write_text('{"epoch": 0}\nnot json\n{"epoch": 1}\n')
+    with pytest.raises(ValueError, match=rf"{path}, line 2: not a JSON record"):
+        read_jsonl(path)
+
+
+def _stop_after(epochs: int):
+    def callback(trainer):
+        if trainer.state.epoch == epochs:
+            raise KeyboardInterrupt
+
+    return callback
+
+
+@pytest.mark.slow
+def test_resume_refuses_fewer_epochs_and_changed_data_and_repairs_the_log(shapes, tmp_path):
+    table = tmp_path / "train.csv"
+    shutil.copy(shapes / "train.csv", table)
+    cfg = run_config(shapes, tmp_path / "runs", epochs=3)
+    cfg["data"]["train"] = {"path": str(table), "images_root": str(shapes)}
+    with pytest.raises(KeyboardInterrupt):
+        cliptune.finetune(cfg, callbacks=(_stop_after(2),))
+    run_dir = tmp_path / "runs" / "run"
+    with pytest.raises(ConfigError, match=r"train.epochs is 1 but .*epoch_2 has already trained 2 epochs"):
+        cliptune.finetune(cfg, resume=True, train={"epochs": 1})
+    rows = table.read_text().splitlines()
+    table.write_text("\n".join(rows[:-1]) + "\n")
+    with pytest.raises(ConfigError, match=r"training data changed .*96 images.* then, 95 images"):
+        cliptune.finetune(cfg, resume=True)
+    table.write_text("\n".join(rows) + "\n")
+    with (run_dir / "metrics.jsonl").open("a") as f:
+        f.write('{"epoch": 3, "step": 1')  # killed while logging an evaluation
+    dead = _dead_pid()
+    (run_dir / "checkpoints" / f".epoch_3.{dead}@{HOST}.tmp").mkdir()
+    (run_dir / f".initial.safetensors.{dead}@{HOST}.tmp").write_bytes(b"x")
+    out = cliptune.finetune(cfg, resume=True)
+    assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
+    assert out["run"]["epochs"] == 3
+    assert not [p for p in run_dir.rglob(".*") if p.name.endswith(".tmp")]
