@@ -56,6 +56,7 @@ def start(args: list[str], pause_in: str | None = None) -> subprocess.Popen:
     else:
         cmd = [sys.executable, str(Path(__file__).resolve()), "paused", pause_in, *args]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny models: threads only wait on each other on a shared machine
     return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
 

@@ -193,14 +193,15 @@ def test_full_disk_before_any_checkpoint_names_the_file_and_the_space(shapes, tm
 
 @pytest.mark.slow
 def test_full_disk_during_a_checkpoint_keeps_the_previous_one(shapes, tmp_path):
-    config = write_yaml(run_config(shapes, tmp_path / "runs", epochs=1, eval__retrieval=[]), tmp_path / "c.yaml")
-    assert _cli("train", str(config)).returncode == 0
+    cfg = run_config(shapes, tmp_path / "runs", epochs=1, eval__retrieval=[])
+    cliptune.finetune(cfg)
+    config = write_yaml(cfg, tmp_path / "c.yaml")
     run_dir = tmp_path / "runs" / "run"
     first = run_dir / "checkpoints" / "epoch_1"
     before = _digest(first)
     shutil.rmtree(run_dir / "model")  # the second session ends by writing it again
     # 20 MB: the weights (13.6 MB) fit, the optimizer state beside them does not
-    proc = _cli("train", str(config), "--resume", "train.epochs=2", limit=20_000_000)
+    proc = _cli("train", str(config), "train.epochs=2", "--resume", limit=20_000_000)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     message = proc.stderr.strip().splitlines()[-1]
     assert f"could not write {run_dir / 'checkpoints' / 'epoch_2'}" in message and "it needs about" in message

@@ -1,11 +1,9 @@
 """End-to-end fine-tuning: the run directory, learning, checkpoints, and kill-and-resume equivalence."""
 
+import importlib.util
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +15,16 @@ from safetensors.torch import load_file
 import cliptune
 from cliptune.config import ConfigError
 from cliptune.train.checkpoint import latest_checkpoint
+
+
+def _kill_resume():
+    """benchmarks/kill_resume.py: its `paused` runner lets a test kill a run inside a checkpoint write."""
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
+    spec = importlib.util.spec_from_file_location("bench_kill_resume", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 RETRIEVAL = {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"}
 
@@ -120,28 +128,27 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(shapes, tmp_pat
 
 
 @pytest.mark.slow
-def test_killed_process_resumes_to_the_same_result(shapes, tmp_path):
-    """SIGKILL at an arbitrary point after the first checkpoint: atomic checkpoints make --resume exact."""
+def test_killed_process_resumes_to_the_same_result(shapes, tmp_path, monkeypatch):
+    """SIGKILL inside a checkpoint write: atomic checkpoints make --resume exact, and the leftover is removed."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # one torch thread, as in this process: bitwise comparable weights
     whole = cliptune.finetune(run_config(shapes, tmp_path / "whole", epochs=5))
     config = write_yaml(run_config(shapes, tmp_path / "cut", epochs=5), tmp_path / "c.yaml")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "cliptune.cli", "train", str(config)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    first = tmp_path / "cut" / "run" / "checkpoints" / "epoch_1"
-    deadline = time.time() + 120
-    while not first.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.02)
-    os.kill(proc.pid, signal.SIGKILL)
-    proc.wait()
-    if proc.returncode != -signal.SIGKILL:
-        pytest.skip("the run finished before it could be killed")
-    assert not (tmp_path / "cut" / "run" / "model").exists()
+    # kill_resume's `paused` lets safetensors write the first file of checkpoint epoch_2, then waits to be killed
+    bench = _kill_resume()
+    proc = bench.start(["train", str(config)], pause_in="/.epoch_2.")
+    assert bench.kill_when_paused(proc), "the run ended before its second checkpoint"
+    run_dir = tmp_path / "cut" / "run"
+    assert latest_checkpoint(run_dir / "checkpoints").name == "epoch_1"
+    assert [p.name.split(".")[1] for p in (run_dir / "checkpoints").glob(".epoch_2.*.tmp")] == ["epoch_2"]
+    assert not (run_dir / "model").exists()
     resume = cli("train", str(config), "--resume")
-    assert "resumed from" in resume.stderr
-    results = json.loads((tmp_path / "cut" / "run" / "results.json").read_text())
+    assert "resumed from" in resume.stderr and "removed 1 temporaries left by killed runs" in resume.stderr
+    assert "taking over the lock of process" in resume.stderr
+    results = json.loads((run_dir / "results.json").read_text())
     assert results["final"] == whole["final"]
+    a, b = _weights(whole["run_dir"]), _weights(run_dir)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not list(run_dir.rglob(".*.tmp")) and not (run_dir / "run.lock").exists()
 
 
 @pytest.mark.slow
