@@ -1,7 +1,7 @@
 """Fault test: SIGKILL a training at random moments (some inside checkpoint writes), resume each time, and check the
 finished run against an uninterrupted one, weight for weight, with nothing left behind.
 
-    python benchmarks/kill_resume.py                 # 20 kills of a tiny run (about 6 min on 2 shared CPU cores)
+    python benchmarks/kill_resume.py                 # 20 kills of a tiny run (10-30 min on 2 shared CPU cores)
     python benchmarks/kill_resume.py --kills 3 --no-record      # a quick look; records nothing
 
 Every third kill lands inside a checkpoint write by construction: the run is started through `paused` (below), which
@@ -79,7 +79,7 @@ def write_config(work: Path, epochs: int) -> Path:
 
     shapes = work / "shapes"
     if not (shapes / "train.csv").exists():
-        make_shapes(shapes, n_train=64, n_val=16, image_size=32)
+        make_shapes(shapes, n_train=32, n_val=16, image_size=32)
     cfg = {
         "name": "run",
         "model": {"arch": "cliptune-tiny-vit"},
@@ -137,7 +137,7 @@ def one_kill(config: Path, run_dir: Path, inside_write: bool, window: tuple[floa
     return {
         "finished": proc.returncode == 0,
         "in_write": where is not None or any(".epoch_" in t for t in temporaries(run_dir)),
-        "checkpoint": (run_dir / "checkpoints" / "latest").read_text() if (run_dir / "checkpoints").exists() else "",
+        "checkpoint": latest.read_text() if (latest := run_dir / "checkpoints" / "latest").is_file() else "none",
         "log": log,
     }
 
@@ -179,7 +179,7 @@ def markdown(r: dict, command: str) -> str:
 
     return f"""Measured by `{command}` on {machine()} (2 CPU cores, shared with other jobs).
 
-A tiny run (cliptune-tiny-vit, 64 coloured-shape images, {r["epochs"]} epochs, keep_checkpoints 2) SIGKILLed
+A tiny run (cliptune-tiny-vit, 32 coloured-shape images, batch 16, {r["epochs"]} epochs, keep_checkpoints 2) SIGKILLed
 {r["kills"]} times and resumed with `--resume` after each kill; every third kill was made to land inside a
 checkpoint write (after safetensors wrote a file into the checkpoint's temporary folder).
 
@@ -202,7 +202,7 @@ def main(argv: list[str] | None = None) -> int:
         return paused(argv[1], argv[2:])
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=20)
-    parser.add_argument("--epochs", type=int, default=40)
+    parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=ROOT / "runs" / "kill_resume")
     parser.add_argument("--no-record", action="store_true", help="print the result, leave RESULTS.md alone")

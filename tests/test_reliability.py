@@ -16,10 +16,13 @@ import pytest
 import torch
 
 import cliptune
-from cliptune.config import ConfigError
+from cliptune.config import ConfigError, TableSpec, ZeroShotSpec
+from cliptune.data import read_caption_table, read_classification
+from cliptune.data.errors import DataError
+from cliptune.models import ModelError
 from cliptune.train.checkpoint import TrainState, latest_checkpoint, save_checkpoint
 from cliptune.train.logging import read_jsonl, truncate_after
-from cliptune.utils.files import HOST, atomic_write, inside, remove_stale_temporaries, temporary_name
+from cliptune.utils.files import HOST, atomic_write, is_within, remove_stale_temporaries, temporary_name
 from cliptune.utils.lock import LOCK_FILE, FolderInUseError, FolderLock
 from tests.test_train import run_config, write_yaml
 
@@ -91,16 +94,16 @@ def test_checkpoint_pruning_removes_dead_writers_checkpoints(tmp_path):
     )
 
 
-def test_inside_resolves_dots_and_symlinks(tmp_path):
+def test_is_within_resolves_dots_and_symlinks(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "a").mkdir(parents=True)
     outside.mkdir()
     (root / "link").symlink_to(outside)
-    assert inside(root / "a" / "x.png", [root])
-    assert not inside(root / ".." / "outside" / "x.png", [root])
-    assert not inside(root / "link" / "x.png", [root])
-    assert inside(root / "link" / "x.png", [root, outside])
-    assert not inside("/etc/passwd", [root])
+    assert is_within(root / "a" / "x.png", [root])
+    assert not is_within(root / ".." / "outside" / "x.png", [root])
+    assert not is_within(root / "link" / "x.png", [root])
+    assert is_within(root / "link" / "x.png", [root, outside])
+    assert not is_within("/etc/passwd", [root])
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -278,3 +281,75 @@ def test_resume_refuses_fewer_epochs_and_changed_data_and_repairs_the_log(shapes
     assert [r["epoch"] for r in read_jsonl(run_dir / "metrics.jsonl")] == [0, 1, 2, 3]
     assert out["run"]["epochs"] == 3
     assert not [p for p in run_dir.rglob(".*") if p.name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Messages that point the right way; unreadable and outside images in evaluation sets
+
+
+def test_missing_model_folder_is_named_with_close_folders_and_models(shapes, tmp_path, monkeypatch):
+    (tmp_path / "runs" / "try1").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ModelError, match=r"runs/tyr1: no such folder.*Folders with close names: runs/try1$"):
+        cliptune.load("runs/tyr1")
+    with pytest.raises(ModelError, match=r"no such folder.*Model names close to 'cliptune-tiny-vt': cliptune-tiny-vit"):
+        cliptune.load("./cliptune-tiny-vt")
+    with pytest.raises(ModelError, match=r"not an OpenCLIP architecture.*Nor is it a folder here.*: runs$"):
+        cliptune.load("rusn")
+    cfg = run_config(shapes, tmp_path / "out", model__init="runs/try2")
+    with pytest.raises(ModelError, match="runs/try2: no such folder"):
+        cliptune.finetune(cfg)
+
+
+def test_missing_evaluation_folder_is_not_called_a_table_format(tmp_path):
+    (tmp_path / "classes").mkdir()
+    with pytest.raises(DataError, match=r"clases: no such file or folder.*class.*close names: .*classes$"):
+        cliptune.evaluate("cliptune-tiny-vit", tmp_path / "clases")
+
+
+def _truncated_jpeg(path: Path) -> Path:
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(path, quality=95)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    return path
+
+
+def test_truncated_jpeg_in_an_eval_set_is_skipped_and_counted(shapes, tmp_path, caplog):
+    rows = (shapes / "val.csv").read_text().splitlines()
+    bad = _truncated_jpeg(tmp_path / "cut.jpg")
+    (tmp_path / "val.csv").write_text("\n".join([*rows[:9], f"{bad},a red square cut short"]) + "\n")
+    spec = TableSpec(path=str(tmp_path / "val.csv"), images_root=str(shapes))
+    with caplog.at_level(logging.WARNING, logger="cliptune"):
+        table = read_caption_table(spec)
+    assert table.skipped == [bad] and len(table.images) == 8
+    assert f"skipped 1 of 9 images that are missing or unreadable: {bad}" in caplog.text
+    metrics = cliptune.evaluate("cliptune-tiny-vit", spec)
+    assert 0 <= metrics["mean_recall"] <= 100
+    classes = tmp_path / "classes"
+    for name in ("red", "blue"):
+        (classes / name).mkdir(parents=True)
+        for i in range(2):
+            shutil.copy(shapes / "images" / f"val_0000{i}.png", classes / name / f"{i}.png")
+    _truncated_jpeg(classes / "red" / "cut.jpg")
+    labelled = read_classification(ZeroShotSpec(path=str(classes)))
+    assert labelled.skipped == [classes / "red" / "cut.jpg"] and len(labelled) == 4
+
+
+def test_image_paths_outside_images_root_are_read_and_counted_once(shapes, tmp_path, caplog):
+    root, outside = tmp_path / "root", tmp_path / "outside"
+    (root / "images").mkdir(parents=True)
+    outside.mkdir()
+    names = [f"val_0000{i}.png" for i in range(4)]
+    for name in names:
+        shutil.copy(shapes / "images" / name, outside / name)
+    (root / "images" / "link.png").symlink_to(outside / names[2])
+    shutil.copy(shapes / "images" / names[3], root / "images" / names[3])
+    rows = [f"../outside/{names[0]},a", f"{outside / names[1]},b", "images/link.png,c", f"images/{names[3]},d"]
+    (root / "t.csv").write_text("image,caption\n" + "\n".join(rows) + "\n")
+    with caplog.at_level(logging.WARNING, logger="cliptune"):
+        table = read_caption_table(TableSpec(path=str(root / "t.csv")))
+    assert len(table.images) == 4 and not table.skipped
+    assert caplog.text.count("resolve outside") == 1
+    assert f"3 of 4 image paths resolve outside {root}" in caplog.text

@@ -9,9 +9,11 @@ from typing import Any
 from cliptune import config as config_mod
 from cliptune.config import CompositionalitySpec, RunConfig, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
+from cliptune.data.errors import DataError
 from cliptune.eval import Encoding, evaluate_retrieval, evaluate_zeroshot
 from cliptune.inference import Encoder, load, load_any
 from cliptune.models import ClipModel
+from cliptune.utils.files import close_folders
 
 DatasetSpec = str | Path | dict[str, Any] | TableSpec | ZeroShotSpec | CompositionalitySpec
 
@@ -79,10 +81,22 @@ def _dataset(spec: DatasetSpec) -> TableSpec | ZeroShotSpec | CompositionalitySp
         return spec
     if not isinstance(spec, dict):
         spec = {"path": str(spec)}
+    _check_exists(Path(str(spec.get("path", ""))).expanduser())
     zeroshot = "templates" in spec or "classnames" in spec or is_labelled_images(spec.get("path", ""))
     # the table reader names the supported formats if the file is neither
     kind = ZeroShotSpec if zeroshot else CompositionalitySpec if "negatives_key" in spec else TableSpec
     return config_mod.from_dict(kind, spec, prefix="dataset")
+
+
+def _check_exists(path: Path) -> None:
+    if path.exists():
+        return
+    close = close_folders(path, files=True)
+    hint = f"; close names: {', '.join(str(p) for p in close)}" if close else ""
+    raise DataError(
+        f"{path}: no such file or folder; a data set is a caption table (.csv, .tsv, .jsonl, .json) or, for "
+        f"zero-shot classification, a folder with one sub-folder per class or a `path label` .txt list{hint}"
+    )
 
 
 def evaluate(

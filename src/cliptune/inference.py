@@ -5,6 +5,7 @@ Inference never imports training code, so serving a model stays light.
 
 from __future__ import annotations
 
+import difflib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from cliptune.eval.encode import encode_images, encode_texts
 from cliptune.models import ClipModel, ModelError, build_model, load_model
 from cliptune.models.io import SPEC_FILE, rebuild_from
 from cliptune.models.presets import PRESETS
+from cliptune.utils.files import close_folders
 from cliptune.utils.paths import inside
 
 ImageInput = str | Path | Image.Image
@@ -99,7 +101,38 @@ def load_any(spec: str | Path | dict[str, Any] | ClipModel) -> ClipModel:
         return spec
     if isinstance(spec, (str, Path)) and Path(spec).expanduser().is_dir():
         return _from_run_dir(Path(spec).expanduser())
-    return build_model(parse_model_spec(spec if isinstance(spec, dict) else str(spec))).eval()
+    if isinstance(spec, Path) or (isinstance(spec, str) and _looks_like_path(spec)):
+        raise ModelError(_missing_folder(str(spec)))
+    try:
+        return build_model(parse_model_spec(spec if isinstance(spec, dict) else str(spec))).eval()
+    except ModelError as e:  # a bare name that is no model may be a folder name mistyped
+        folders = close_folders(spec) if isinstance(spec, str) and ":" not in spec else []
+        if not folders:
+            raise
+        raise ModelError(f"{e} Nor is it a folder here; folders with close names: {_names(folders)}") from None
+
+
+def _looks_like_path(spec: str) -> bool:
+    """A run or model folder's path, not a model name (`arch`, `arch:tag`, `hf-hub:org/name`, `local-dir:...`)."""
+    return ":" not in spec and (any(sep in spec for sep in ("/", "\\")) or spec.startswith((".", "~")))
+
+
+def _missing_folder(spec: str) -> str:
+    """Say the folder does not exist, and what was probably meant: close folder names, then close model names."""
+    import open_clip
+
+    path, hints = Path(spec).expanduser(), []
+    if folders := close_folders(path):
+        hints.append(f"Folders with close names: {_names(folders)}")
+    models = difflib.get_close_matches(path.name, [*PRESETS, *open_clip.list_models()], n=5, cutoff=0.6)
+    if models:
+        hints.append(f"Model names close to {path.name!r}: {', '.join(models)} (`cliptune models` lists them all)")
+    expected = f"{spec}: no such folder; a run folder, a saved model folder, or a model name was expected"
+    return ". ".join([expected, *hints])
+
+
+def _names(paths: list[Path]) -> str:
+    return ", ".join(str(p) for p in paths)
 
 
 def load(spec: str | Path | dict[str, Any], device: str = "auto", precision: str = "fp32") -> Encoder:

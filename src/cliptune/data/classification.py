@@ -9,7 +9,7 @@ from pathlib import Path
 
 from cliptune.config import ZeroShotSpec
 from cliptune.data.errors import DataError
-from cliptune.data.images import describe_unreadable, log_skipped, readable_mask
+from cliptune.data.images import describe_unreadable, log_outside_root, log_skipped, readable_mask
 
 logger = logging.getLogger("cliptune.data")
 
@@ -38,6 +38,7 @@ def read_classification(spec: ZeroShotSpec, check_images: bool = True) -> Labell
     root = Path(spec.path).expanduser()
     if root.is_dir():
         paths, labels, classnames = _read_folders(root, spec.classnames)
+        log_outside_root(root, paths, root)  # symlinks out of the class folders
     elif root.is_file():
         paths, labels, classnames = _read_list_file(root, spec)
     else:
@@ -132,6 +133,7 @@ def _read_list_file(path: Path, spec: ZeroShotSpec) -> tuple[list[Path], list[in
     base = Path(spec.images_root).expanduser() if spec.images_root else path.parent
     paths = [Path(p).expanduser() for _, p, _ in entries]
     paths = [p if p.is_absolute() else base / p for p in paths]
+    log_outside_root(path, paths, base)
     numeric = [(n, label) for n, _, label in entries if re.fullmatch(r"[+-]?\d+", label)]
     if numeric and len(numeric) < len(entries):
         word = next((n, label) for n, _, label in entries if not re.fullmatch(r"[+-]?\d+", label))

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from PIL import Image
 
+from cliptune.utils.files import is_within
+
 logger = logging.getLogger("cliptune.data")
 
 # Modes whose pixels carry alpha; palette and grey images may instead carry a `transparency` entry in `info`.
@@ -37,16 +39,23 @@ def load_rgb(path: str | Path) -> Image.Image:
 
 
 def is_readable(path: str | Path) -> bool:
-    """True if `path` is a file that PIL can open and verify.
+    """True if `path` is a whole image file that PIL can read.
 
-    `verify` checks headers and chunk checksums without decoding every pixel, so a file truncated inside its
-    pixel data can still pass; the training dataset copes with those when it loads them.
+    A PNG's `verify` reads every chunk and its checksum without decoding pixels. A JPEG's `verify` reads nothing
+    past the header, so a file cut short would pass and then abort an evaluation when encoded: it is decoded in
+    draft mode instead (libjpeg's 1/8 scale, a fraction of a full decode), which still reads all of its data.
+    Other formats have no useful `verify` and are decoded.
     """
     try:
         if not Path(path).is_file():
             return False
         with Image.open(path) as image:
-            image.verify()
+            if image.format == "PNG":
+                image.verify()
+            else:
+                if image.format == "JPEG":
+                    image.draft(image.mode, (max(1, image.width // 8), max(1, image.height // 8)))
+                image.load()
         return True
     except Exception:
         return False
@@ -65,6 +74,23 @@ def readable_mask(paths: Sequence[Path], workers: int | None = None) -> list[boo
         return [is_readable(p) for p in paths]
     with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="cliptune-imgcheck") as pool:
         return list(pool.map(is_readable, paths, chunksize=64))
+
+
+def log_outside_root(source: Path, paths: Sequence[Path], root: Path) -> int:
+    """Warn once how many image paths resolve outside `root` (`..`, absolute paths, symlinks out): a table is the
+    user's own file, so they are read as given, but not silently."""
+    outside = [p for p in paths if not is_within(p, [root])]
+    if outside:
+        logger.warning(
+            "%s: %d of %d image paths resolve outside %s (through '..', absolute paths or symlinks), e.g. %s; "
+            "they are read as given",
+            source,
+            len(outside),
+            len(paths),
+            root,
+            outside[0],
+        )
+    return len(outside)
 
 
 def describe_unreadable(path: Path) -> str:

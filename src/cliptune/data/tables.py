@@ -14,7 +14,7 @@ from typing import Any
 from cliptune.config import TableSpec
 from cliptune.data.coco import read_coco_rows
 from cliptune.data.errors import DataError
-from cliptune.data.images import describe_unreadable, log_skipped, readable_mask
+from cliptune.data.images import describe_unreadable, log_outside_root, log_skipped, readable_mask
 
 logger = logging.getLogger("cliptune.data")
 
@@ -83,6 +83,7 @@ def read_caption_table(spec: TableSpec, check_images: bool = True) -> CaptionTab
     if empty:
         logger.warning("%s: skipped %d images whose captions are all empty", path, empty)
     images = list(with_text)
+    log_outside_root(path, images, base)
     skipped: list[Path] = []
     if check_images:
         images, skipped = _split_readable(path, images, base)

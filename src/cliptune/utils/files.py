@@ -8,6 +8,7 @@ is gone, and never one whose writer still runs. A write that fails for lack of s
 
 from __future__ import annotations
 
+import difflib
 import errno
 import os
 import re
@@ -97,10 +98,31 @@ def _temporaries(folder: Path, recursive: bool) -> Iterator[Path]:
             yield from _temporaries(entry, recursive)
 
 
-def inside(path: str | Path, roots: Iterable[str | Path]) -> bool:
-    """Whether `path`, with every symlink and `..` resolved, lies inside one of `roots` (also resolved)."""
+def is_within(path: str | Path, roots: Iterable[str | Path]) -> bool:
+    """Whether `path`, with every symlink and `..` resolved, lies inside one of `roots` (also resolved).
+
+    What a reader that must stay inside given folders (a search server and its index's image roots) asks of every
+    path before opening it.
+    """
     resolved = Path(path).resolve()
     return any(resolved.is_relative_to(Path(root).resolve()) for root in roots)
+
+
+def close_folders(path: str | Path, n: int = 5, files: bool = False) -> list[Path]:
+    """Existing folders (and with `files`, files) named like the first missing part of `path`: what a mistyped
+    name probably meant."""
+    path = Path(path).expanduser()
+    base = path
+    while not base.is_dir() and base != base.parent:
+        base = base.parent
+    if base == path or not base.is_dir():
+        return []
+    missing = path.relative_to(base).parts[0]
+    try:
+        names = [p.name for p in base.iterdir() if (files or p.is_dir()) and not p.name.startswith(".")]
+    except OSError:
+        return []
+    return [base / name for name in difflib.get_close_matches(missing, names, n=n, cutoff=0.6)]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -170,9 +192,11 @@ def writing(path: Path, needed: int | None = None, written: Path | None = None) 
     except Exception as e:
         if not (_is_full(e) or _would_not_fit(written, needed)):
             raise
-        raise DiskFullError(
-            f"could not write {path} ({_reason(e, needed)}): {space_report(path.parent, needed)}"
-        ) from None
+        raise _full_error(path, e, needed) from None
+
+
+def _full_error(path: Path, error: Exception, needed: int | None) -> DiskFullError:
+    return DiskFullError(f"could not write {path} ({_reason(error, needed)}): {space_report(path.parent, needed)}")
 
 
 def _reason(error: Exception, needed: int | None) -> str:
@@ -209,15 +233,23 @@ def atomic_write(path: str | Path, needed: int | None = None) -> Iterator[Path]:
 def atomic_dir(path: str | Path) -> Iterator[Path]:
     """Yield a temporary folder beside `path`; on success it takes `path`'s place (an old one is removed).
 
-    Wrap each file written inside in `writing(...)` to have a full disk reported with that file's name.
+    Temporaries that killed writers left beside it go first (a folder of checkpoints would otherwise keep one per
+    kill). A full disk is reported naming the file being written; wrap a file's write in `writing(...)` to have
+    the message also say how much that file needed.
     """
     path = Path(path)
+    remove_stale_temporaries(path.parent, recursive=False)
     tmp = temporary_name(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     try:
-        yield tmp
+        try:
+            yield tmp
+        except Exception as e:
+            if isinstance(e, DiskFullError) or not _is_full(e):
+                raise
+            raise _full_error(path / _newest(tmp).relative_to(tmp), e, None) from None
         if path.exists():
             old = temporary_name(path, "old")
             os.replace(path, old)
@@ -228,3 +260,9 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+
+
+def _newest(folder: Path) -> Path:
+    """The file written last in `folder` (the one a failed write was writing), or the folder itself."""
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    return max(files, key=lambda p: p.stat().st_mtime_ns) if files else folder
