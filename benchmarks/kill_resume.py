@@ -6,7 +6,8 @@ finished run against an uninterrupted one, weight for weight, with nothing left 
 
 Every third kill lands inside a checkpoint write by construction: the run is started through `paused` (below), which
 lets safetensors write a checkpoint file and then waits, so the kill finds the half-built checkpoint folder. The other
-kills fall at a uniformly random moment of what is left of the run. After the last kill the run is resumed to its
+kills fall at a uniformly random moment of the next three epochs' time (training, evaluation or a checkpoint write),
+counted from the end of the run's setup. After the last kill the run is resumed to its
 end; its final weights must equal the uninterrupted run's bitwise, and the run folder must hold no temporaries.
 Writes the RESULTS.md section "Kill and resume".
 
@@ -22,6 +23,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -106,8 +108,8 @@ def same_weights(a: Path, b: Path) -> bool:
     return x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def reference(config: Path) -> tuple[float, float]:
-    """The uninterrupted run; returns (seconds to its first checkpoint, seconds per later epoch)."""
+def reference(config: Path) -> float:
+    """The uninterrupted run; returns the seconds each epoch after the first took (training, evaluation, checkpoint)."""
     started = time.time()
     proc = start(["train", str(config), "name=whole"])
     first = config.parent / "runs" / "whole" / "checkpoints" / "epoch_1"
@@ -118,36 +120,51 @@ def reference(config: Path) -> tuple[float, float]:
     if proc.returncode != 0:
         raise SystemExit(f"the uninterrupted run failed:\n{output[-3000:]}")
     epochs = yaml.safe_load(config.read_text())["train"]["epochs"]
-    return to_first, (time.time() - started - to_first) / max(epochs - 1, 1)
+    return (time.time() - started - to_first) / max(epochs - 1, 1)
 
 
-def one_kill(config: Path, run_dir: Path, inside_write: bool, window: tuple[float, float], rng: random.Random) -> dict:
-    """Start (or resume) the run, SIGKILL it, and say where the kill landed."""
+def _training_started(proc: subprocess.Popen, lines: list[str]) -> threading.Event:
+    """An event set once the run logs its run directory (setup done: what follows is training), reading its output."""
+    started = threading.Event()
+
+    def read() -> None:
+        for line in proc.stdout:
+            lines.append(line)
+            if "run directory:" in line:
+                started.set()
+        started.set()  # the process ended
+
+    threading.Thread(target=read, daemon=True).start()
+    return started
+
+
+def one_kill(config: Path, run_dir: Path, inside_write: bool, window: float, rng: random.Random) -> dict:
+    """Start (or resume) the run and SIGKILL it: inside a checkpoint write, or at a random moment of training."""
     args = ["train", str(config), "name=cut", "--resume"]
+    lines: list[str] = []
     if inside_write:
         proc = start(args, pause_in="/.epoch_")
-        where = kill_when_paused(proc)
-        log = ""
+        kill_when_paused(proc)
     else:
         proc = start(args)
-        time.sleep(rng.uniform(*window))
+        _training_started(proc, lines).wait()
+        time.sleep(rng.uniform(0, window))
         proc.send_signal(signal.SIGKILL)
-        log = proc.communicate()[0]
-        where = None
+        proc.wait()
     return {
         "finished": proc.returncode == 0,
-        "in_write": where is not None or any(".epoch_" in t for t in temporaries(run_dir)),
+        "in_write": any(f".{proc.pid}@" in t for t in temporaries(run_dir)),
         "checkpoint": latest.read_text() if (latest := run_dir / "checkpoints" / "latest").is_file() else "none",
-        "log": log,
+        "log": "".join(lines),
     }
 
 
 def run(kills: int, work: Path, epochs: int, seed: int) -> dict:
     config = write_config(work, epochs)
-    to_first, per_epoch = reference(config)
+    per_epoch = reference(config)
     run_dir = work / "runs" / "cut"
     rng, attempts, started = random.Random(seed), [], time.time()
-    window = (0.5 * to_first, to_first + 3 * per_epoch)
+    window = 3 * per_epoch  # a kill within the first three epochs of what is left
     while len(attempts) < kills:
         attempt = one_kill(config, run_dir, len(attempts) % 3 == 2, window, rng)
         if attempt["finished"]:
