@@ -94,6 +94,16 @@ def test_checkpoint_pruning_removes_dead_writers_checkpoints(tmp_path):
     )
 
 
+def test_feature_store_shared_by_runs_drops_only_dead_writers_temporaries(tmp_path):
+    from cliptune.eval.feature_store import FeatureStore
+
+    dead, live = tmp_path / f".abc.safetensors.{_dead_pid()}@{HOST}.tmp", tmp_path / f".abc.keys.json.1@{HOST}.tmp"
+    dead.write_bytes(b"x")
+    live.write_bytes(b"x")  # pid 1 (init) is always running
+    FeatureStore(tmp_path).save("abc", {"t:a": torch.zeros(3)})
+    assert not dead.exists() and live.exists() and (tmp_path / "abc.safetensors").is_file()
+
+
 def test_is_within_resolves_dots_and_symlinks(tmp_path):
     root, outside = tmp_path / "root", tmp_path / "outside"
     (root / "a").mkdir(parents=True)

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from cliptune.models.base import ClipModel, Tower
-from cliptune.utils.files import atomic_write
+from cliptune.utils.files import atomic_write, remove_stale_temporaries
 
 
 def tower_fingerprint(model: ClipModel, tower: Tower) -> str:
@@ -64,6 +64,7 @@ class FeatureStore:
         tensors, keys = self._paths(fingerprint)
         self.folder.mkdir(parents=True, exist_ok=True)
         names = list(entries)
+        remove_stale_temporaries(self.folder, recursive=False)  # several runs share a store: only dead writers'
         with atomic_write(tensors) as tmp:
             save_file({"features": torch.stack([entries[k] for k in names]).contiguous()}, str(tmp))
         with atomic_write(keys) as tmp:
