@@ -3,6 +3,7 @@ reported with what it means for the run (the last checkpoint is intact; resume o
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -34,6 +35,23 @@ def owned_run(run_dir: Path) -> Iterator[None]:
     if not _main_process():  # the main process owns the folder for the whole job; the others only read it
         yield
         return
+    created = _create(run_dir)
+    try:
+        with FolderLock(run_dir):
+            clean_leftovers(run_dir)
+            try:
+                yield
+            except DiskFullError as e:
+                raise DiskFullError(f"{e}. {checkpoint_note(run_dir)}") from None
+    finally:
+        for folder in created:  # a run refused before it wrote anything leaves no empty folders behind
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+
+def _create(run_dir: Path) -> list[Path]:
+    """Make `run_dir` (and missing parents); return the folders made, deepest first."""
+    missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
@@ -41,12 +59,7 @@ def owned_run(run_dir: Path) -> Iterator[None]:
             f"runtime.output_dir / name: the run folder {run_dir} cannot be created, a file is in its way; "
             "set another runtime.output_dir or name"
         ) from None
-    with FolderLock(run_dir):
-        clean_leftovers(run_dir)
-        try:
-            yield
-        except DiskFullError as e:
-            raise DiskFullError(f"{e}. {checkpoint_note(run_dir)}") from None
+    return missing
 
 
 def clean_leftovers(run_dir: Path) -> None:
