@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from cliptune.config import ConfigError
 from cliptune.data import CaptionTable
-from cliptune.train.checkpoint import latest_checkpoint
+from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint
 from cliptune.train.logging import log
 from cliptune.utils.files import DiskFullError, atomic_write, remove_stale_temporaries
 from cliptune.utils.lock import FolderLock
@@ -35,7 +35,7 @@ def owned_run(run_dir: Path) -> Iterator[None]:
     if not _main_process():  # the main process owns the folder for the whole job; the others only read it
         yield
         return
-    created = _create(run_dir)
+    created = make_run_dir(run_dir)
     try:
         with FolderLock(run_dir):
             clean_leftovers(run_dir)
@@ -49,16 +49,18 @@ def owned_run(run_dir: Path) -> Iterator[None]:
                 folder.rmdir()
 
 
-def _create(run_dir: Path) -> list[Path]:
+def make_run_dir(run_dir: Path) -> list[Path]:
     """Make `run_dir` (and missing parents); return the folders made, deepest first."""
     missing = [p for p in [run_dir, *run_dir.parents] if not p.exists()]
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except (FileExistsError, NotADirectoryError):
         raise ConfigError(
-            f"runtime.output_dir / name: the run folder {run_dir} cannot be created, a file is in its way; "
-            "set another runtime.output_dir or name"
+            f"runtime.output_dir / name: {run_dir} cannot be a folder, a file is in the way; choose another "
+            "runtime.output_dir or `name`"
         ) from None
+    except PermissionError:
+        raise ConfigError(f"runtime.output_dir: no permission to create {run_dir}; choose a writable folder") from None
     return missing
 
 
@@ -74,7 +76,7 @@ def clean_leftovers(run_dir: Path) -> None:
 
 def checkpoint_note(run_dir: Path) -> str:
     """What a failed write leaves: checkpoints are written whole or not at all, so the last one is intact."""
-    last = latest_checkpoint(run_dir / "checkpoints")
+    last = latest_checkpoint(checkpoint_folder(run_dir))
     if last is None:
         return "No checkpoint had been written yet, so nothing is lost: free some space and start the run again"
     return (

@@ -33,7 +33,7 @@ from cliptune.train.checkpoint import (
 from cliptune.train.data import shard_stream, steps_per_epoch, train_dataset, training_table
 from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
-from cliptune.train.guard import check_progress, check_training_data
+from cliptune.train.guard import check_progress, check_training_data, make_run_dir
 from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, log, truncate_after
 from cliptune.train.optim import build_optimizer, build_scheduler
 from cliptune.tuning.ema import EMA
@@ -146,15 +146,7 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
         _check_resume_config(cfg, run_dir)
     elif resume:
         log.warning("--resume: no checkpoint in %s, starting from the beginning", run_dir)
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ConfigError(
-            f"runtime.output_dir / name: {run_dir} cannot be a folder, a file is in the way; choose another "
-            "runtime.output_dir or `name`"
-        ) from None
-    except PermissionError:
-        raise ConfigError(f"runtime.output_dir: no permission to create {run_dir}; choose a writable folder") from None
+    make_run_dir(run_dir)
     for stale in (METRICS_FILE, TRAIN_LOG_FILE):
         if checkpoint is None and (run_dir / stale).exists():
             (run_dir / stale).unlink()

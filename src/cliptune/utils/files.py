@@ -246,8 +246,10 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     try:
         try:
             yield tmp
+        except DiskFullError as e:  # named after the temporary: say the file the user will look for
+            raise DiskFullError(str(e).replace(str(tmp), str(path))) from None
         except Exception as e:
-            if isinstance(e, DiskFullError) or not _is_full(e):
+            if not _is_full(e):
                 raise
             raise _full_error(path / _newest(tmp).relative_to(tmp), e, None) from None
         if path.exists():
