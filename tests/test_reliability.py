@@ -20,9 +20,9 @@ from cliptune.config import ConfigError, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
 from cliptune.data.errors import DataError
 from cliptune.models import ModelError
-from cliptune.train.checkpoint import TrainState, latest_checkpoint, save_checkpoint
+from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.logging import read_jsonl, truncate_after
-from cliptune.utils.files import HOST, atomic_write, is_within, remove_stale_temporaries, temporary_name
+from cliptune.utils.files import HOST, atomic_dir, atomic_write, is_within, remove_stale_temporaries, temporary_name
 from cliptune.utils.lock import LOCK_FILE, FolderInUseError, FolderLock
 from tests.test_train import run_config, write_yaml
 
@@ -82,16 +82,16 @@ def test_atomic_write_names_its_temporary_after_the_writer(tmp_path):
     assert target.read_text() == "{}" and not tmp.exists()
 
 
-def test_checkpoint_pruning_removes_dead_writers_checkpoints(tmp_path):
-    model, dead = torch.nn.Linear(2, 2), _dead_pid()
-    folder = tmp_path / "checkpoints"
+def test_each_checkpoint_write_removes_dead_writers_checkpoints(tmp_path):
+    """atomic_dir, which writes every checkpoint folder, first clears its siblings left by dead writers."""
+    folder, dead = tmp_path / "checkpoints", _dead_pid()
     (folder / f".epoch_2.{dead}@{HOST}.tmp").mkdir(parents=True)
-    (folder / f".epoch_9.{os.getpid()}@{HOST}.tmp").mkdir()  # this process's own write in progress: kept
-    for epoch in (1, 2):
-        save_checkpoint(folder, model, {}, TrainState(epoch, epoch), keep=1)
-    assert sorted(p.name for p in folder.iterdir()) == sorted(
-        ["epoch_2", "latest", f".epoch_9.{os.getpid()}@{HOST}.tmp"]
-    )
+    (folder / f".epoch_1.{dead}@{HOST}.old").mkdir()  # killed while replacing an older epoch_1
+    live = folder / f".epoch_9.{os.getpid()}@{HOST}.tmp"  # this process's own write in progress: kept
+    live.mkdir()
+    with atomic_dir(folder / "epoch_2") as tmp:
+        (tmp / "model.safetensors").write_bytes(b"w")
+    assert sorted(p.name for p in folder.iterdir()) == sorted(["epoch_2", live.name])
 
 
 def test_feature_store_shared_by_runs_drops_only_dead_writers_temporaries(tmp_path):
