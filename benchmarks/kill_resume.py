@@ -194,7 +194,7 @@ LOCK = "run.lock"
 def markdown(r: dict, command: str) -> str:
     from _record import machine
 
-    return f"""Measured by `{command}` on {machine()} (2 CPU cores, shared with other jobs).
+    return f"""Measured by `{command}` on {machine()} (shared with other jobs).
 
 A tiny run (cliptune-tiny-vit, 32 coloured-shape images, batch 16, {r["epochs"]} epochs, keep_checkpoints 2) SIGKILLed
 {r["kills"]} times and resumed with `--resume` after each kill; every third kill was made to land inside a
