@@ -1,9 +1,13 @@
 """Tiny models and data shared by several test modules (fixtures live in conftest.py)."""
 
 import gzip
+from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -122,3 +126,43 @@ def every_backend(root: Path) -> dict[str, ModelConfig]:
         "hf-siglip": ModelConfig(backend="hf", arch=str(save_tiny_siglip(root / "siglip"))),
         "composed": tiny_config(save_tiny_bert(root / "bert")),
     }
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Two-process runs and tiny training runs
+
+
+def spawn_and_wait(worker: Callable[..., None], args: tuple, nprocs: int, timeout_s: int) -> None:
+    """torch.multiprocessing.spawn `worker(rank, *args)` on `nprocs` processes and wait for all of them; a hung
+    collective fails the test after `timeout_s` seconds (its processes are killed) instead of hanging the suite."""
+    context = mp.spawn(worker, args=args, nprocs=nprocs, join=False)
+    try:
+        for _ in range(timeout_s):
+            if context.join(timeout=1):
+                return
+        pytest.fail(f"the {nprocs}-process run did not finish in {timeout_s} s")
+    finally:
+        for process in context.processes:
+            if process.is_alive():
+                process.kill()
+
+
+def gloo_group(rank: int, world: int, init_file: str) -> None:
+    """Join a gloo process group through a rendezvous file (no port to pick), one thread per process."""
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+
+
+def tiny_run(shapes: Path, out: Path, name: str = "run", **sections: dict) -> dict:
+    """A seeded run of the tiny ViT on the shapes set (one epoch of 16-image batches), `sections` merged over it."""
+    from cliptune.config import merge
+
+    cfg = {
+        "name": name,
+        "model": {"arch": "cliptune-tiny-vit"},
+        "data": {"train": {"path": str(shapes / "train.csv")}},
+        "train": {"epochs": 1, "batch_size": 16},
+        "optim": {"lr": 1e-3, "warmup_steps": 1},
+        "runtime": {"output_dir": str(out), "progress": False, "seed": 0},
+    }
+    return merge(cfg, sections)

@@ -1,5 +1,6 @@
 """The package's shape, checked: one list per set of names, dependencies pointing down, library knowledge in models/."""
 
+import argparse
 import ast
 import dataclasses
 import subprocess
@@ -29,6 +30,16 @@ def test_config_choices_are_the_registries():
     assert config.choices_of(_field(config.LossConfig, "tagger")) == negatives.TAGGERS
     assert tuple(config.LossConfig().negative_kinds) == negatives.KINDS
     assert not set(WRAPPERS) & set(BACKENDS)  # wrappers are no backends one could build from a config
+
+
+def test_cli_export_formats_are_the_export_table():
+    from cliptune.cli import _parser
+    from cliptune.export import FORMATS
+
+    sub = next(a for a in _parser()._actions if isinstance(a, argparse._SubParsersAction))
+    export = sub.choices["export"]
+    fmt = next(a for a in export._actions if a.dest == "format")
+    assert tuple(fmt.choices) == tuple(FORMATS)
 
 
 def test_an_unregistered_name_is_a_config_error_listing_the_registry():

@@ -22,6 +22,7 @@ from cliptune.config import ModelConfig
 from cliptune.losses import OBJECTIVES
 from cliptune.models import BACKENDS, build_model
 from cliptune.tuning.strategies import STRATEGIES
+from tests.helpers import tiny_run
 
 GUIDE = Path(__file__).parents[1] / "CONTRIBUTING.md"
 SECTIONS = {"backend": "## Add a backend", "loss": "## Add a loss", "strategy": "## Add a strategy"}
@@ -74,14 +75,15 @@ def one_step_table(shapes: Path, out: Path, rows: int = 8) -> Path:
 
 
 def train(shapes: Path, out: Path, **sections) -> Path:
-    cfg = {
-        "name": "ext",
-        "model": {"arch": "cliptune-tiny-vit"},
-        "data": {"train": {"path": str(one_step_table(shapes, out))}},
-        "train": {"epochs": 1, "batch_size": 8},
-        "optim": {"lr": 1e-2, "warmup_steps": 1},
-        "runtime": {"output_dir": str(out), "progress": False, "seed": 0, "log_every": 1},
-    }
+    cfg = tiny_run(
+        shapes,
+        out,
+        "ext",
+        data={"train": {"path": str(one_step_table(shapes, out))}},
+        train={"batch_size": 8},
+        optim={"lr": 1e-2},
+        runtime={"log_every": 1},
+    )
     results = cliptune.finetune(cliptune.config.merge(cfg, sections))
     assert results["run"]["steps"] == 1
     run = Path(results["run_dir"])
@@ -116,19 +118,10 @@ def test_a_loss_from_outside_trains_with_its_own_parameter(shapes, tmp_path, reg
     assert calls == [1]
     from cliptune.train.setup import build_trainer
 
-    trainer = build_trainer(cliptune.api.resolve_config(cliptune.config.merge(_cfg(shapes, tmp_path), {})))
+    cfg = tiny_run(shapes, tmp_path, "ext-groups", data={"train": {"path": str(one_step_table(shapes, tmp_path))}})
+    trainer = build_trainer(cliptune.api.resolve_config(cfg, loss={"name": "margin"}))
     shared = [g for g in trainer.optimizer.param_groups if "margin" in g["names"]]
     assert len(shared) == 1 and shared[0]["tower"] == "shared" and shared[0]["weight_decay"] == 0.0
-
-
-def _cfg(shapes: Path, out: Path) -> dict:
-    return {
-        "name": "ext-groups",
-        "data": {"train": {"path": str(one_step_table(shapes, out))}},
-        "train": {"batch_size": 8},
-        "loss": {"name": "margin"},
-        "runtime": {"output_dir": str(out), "progress": False},
-    }
 
 
 def test_a_strategy_from_outside_changes_what_trains(shapes, tmp_path, registries):

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
 from cliptune.losses.clip import clip_loss
 from cliptune.losses.gather import gather_with_grad, gathered_clip_loss
+from tests.helpers import gloo_group, spawn_and_wait
 
 WORLD = 2
 DIM = 5
@@ -74,8 +74,7 @@ def _ddp_grads(model: nn.Module, images, texts, loss_fn) -> dict[str, torch.Tens
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    gloo_group(rank, WORLD, init_file)
     try:
         results = {}
         for name, (local_loss, sizes, log_scale) in CASES.items():
@@ -108,17 +107,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the two gloo ranks computed, per case."""
     tmp = tmp_path_factory.mktemp("gather")
-    context = mp.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=False)
-    try:
-        for _ in range(120):  # seconds; a hung collective must fail the test, not the suite
-            if context.join(timeout=1):
-                break
-        else:
-            pytest.fail("the 2-process gloo run did not finish in 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_wait(_worker, (str(tmp / "rendezvous"), str(tmp)), WORLD, timeout_s=120)
     return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

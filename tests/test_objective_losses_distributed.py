@@ -14,7 +14,6 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from torch import nn
 
@@ -22,6 +21,7 @@ from cliptune.losses.fsc import fsc_loss, global_hn_loss, local_hn_loss
 from cliptune.losses.negclip import negclip_loss
 from cliptune.losses.siglip import siglip_loss
 from cliptune.losses.unicl import unicl_loss
+from tests.helpers import gloo_group, spawn_and_wait
 
 WORLD = 2
 D, N, P, L = 4, 2, 3, 4
@@ -121,8 +121,7 @@ def _ddp_grads(model: nn.Module, name: str, batch: dict) -> dict[str, torch.Tens
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    gloo_group(rank, WORLD, init_file)
     try:
         results = {}
         for case, (name, sizes) in CASES.items():
@@ -141,17 +140,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the two gloo ranks computed, per case."""
     tmp = tmp_path_factory.mktemp("objective-losses")
-    context = mp.spawn(_worker, args=(str(tmp / "rendezvous"), str(tmp)), nprocs=WORLD, join=False)
-    try:
-        for _ in range(120):  # seconds; a hung collective must fail the test, not the suite
-            if context.join(timeout=1):
-                break
-        else:
-            pytest.fail("the 2-process gloo run did not finish in 120 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    spawn_and_wait(_worker, (str(tmp / "rendezvous"), str(tmp)), WORLD, timeout_s=120)
     return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD)]
 
 

@@ -112,9 +112,7 @@ def _encode(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    import open_clip
-
-    from cliptune.models.openclip import TINY_ARCHS
+    from cliptune.models.openclip import TINY_ARCHS, pretrained_archs
     from cliptune.models.presets import PRESETS
 
     print("presets (model.preset):")
@@ -125,10 +123,8 @@ def _models(args: argparse.Namespace) -> int:
     for name in TINY_ARCHS:
         print(f"  {name}")
     print("\nOpenCLIP architectures (model.arch), with their pretrained tags (model.pretrained):")
-    for name in open_clip.list_models():
-        if name not in TINY_ARCHS:
-            tags = open_clip.list_pretrained_tags_by_model(name)
-            print(f"  {name}" + (f"  [{', '.join(tags)}]" if tags else ""))
+    for name, tags in pretrained_archs():
+        print(f"  {name}" + (f"  [{', '.join(tags)}]" if tags else ""))
     return 0
 
 

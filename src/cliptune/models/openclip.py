@@ -302,6 +302,11 @@ def _openclip_layers(module: nn.Module, tower: Tower) -> Found | None:
     return None
 
 
+def pretrained_archs() -> list[tuple[str, list[str]]]:
+    """(architecture, its pretrained tags) for every open_clip architecture but the packaged tiny ones."""
+    return [(n, open_clip.list_pretrained_tags_by_model(n)) for n in open_clip.list_models() if n not in TINY_ARCHS]
+
+
 def _check_arch(arch: str) -> None:
     names = open_clip.list_models()
     if arch in names or arch.startswith(("hf-hub:", "local-dir:")):

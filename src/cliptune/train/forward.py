@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.losses.objective import Extras, Objective
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ENCODERS, ClipModel, Tower
 
 
 @dataclass
@@ -62,7 +62,7 @@ class TrainModule(nn.Module):
         self.locked, self.cached = list(locked), list(cached)
 
     def forward(self, kind: str, *inputs: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:
-        if kind in ("image", "text"):
+        if kind in ENCODERS:
             return self.embed(kind, inputs[0])
         if kind == "pair":
             return self.embed("image", inputs[0]), self.embed("text", inputs[1])

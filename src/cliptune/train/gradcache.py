@@ -39,7 +39,7 @@ from contextlib import AbstractContextManager, nullcontext
 import torch
 from torch import nn
 
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ENCODERS, ClipModel, Tower
 
 Encoder = Callable[[torch.Tensor], torch.Tensor]
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]  # (image, text, logit_scale) -> loss
@@ -122,7 +122,7 @@ def chunked_backward(
     no_sync: ContextFactory | None = None,
     *,
     forward_context: ContextFactory | None = None,
-    towers: Collection[Tower] = ("image", "text"),
+    towers: Collection[Tower] = ENCODERS,
 ) -> torch.Tensor:
     """Accumulate into the parameters' `.grad` the gradient of `loss_fn` over the whole batch, one chunk at a time.
 
@@ -159,7 +159,7 @@ def chunked_backward(
         "text": encode_text or model.encode_text,
     }
     inputs: dict[Tower, torch.Tensor] = {"image": images, "text": tokens}
-    sizes = dict(zip(("image", "text"), _chunk_sizes(chunk_size)))
+    sizes = dict(zip(ENCODERS, _chunk_sizes(chunk_size)))
     unknown = set(towers) - set(inputs)
     if unknown:
         raise ValueError(f"towers: {sorted(unknown)} unknown; choose among 'image' and 'text'")

@@ -15,6 +15,7 @@ from tqdm import tqdm
 
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
+from cliptune.models.base import ENCODERS
 from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint, save_checkpoint
 from cliptune.train.data import make_loader
 from cliptune.train.distributed import barrier
@@ -36,7 +37,7 @@ def _call(trainer: Trainer, kind: str, *inputs: torch.Tensor) -> Any:
 def _chunked(trainer: Trainer, batch: Batch) -> torch.Tensor:
     """GradCache: the loss of the whole batch with the activation memory of one chunk."""
     model, objective, ddp = trainer.model, trainer.objective, trainer.ddp
-    towers = [t for t in ("image", "text") if t not in trainer.locked and (t == "image" or objective.uses_text)]
+    towers = [t for t in ENCODERS if t not in trainer.locked and (t == "image" or objective.uses_text)]
     return chunked_backward(
         model,
         batch.images,
