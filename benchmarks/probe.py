@@ -957,6 +957,7 @@ def failures(results: list[tuple[Case, str, str]]) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--slow", action="store_true", help="also resume from damaged checkpoints and run the CLI")
+    parser.add_argument("--slow-only", action="store_true", help="only the slow cases")
     parser.add_argument("--write", metavar="LABEL", help="write the table into benchmarks/RESULTS.md under LABEL")
     parser.add_argument("--list", action="store_true", help="print every case that did not end well")
     args = parser.parse_args()
@@ -964,8 +965,8 @@ def main() -> int:
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         scratch = make_scratch(Path(tmp))
-        cases = fast_cases()
-        if args.slow:
+        cases = [] if args.slow_only else fast_cases()
+        if args.slow or args.slow_only:
             make_slow_scratch(scratch)
             cases += slow_cases()
         results = run_all(cases, scratch)

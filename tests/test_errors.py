@@ -54,3 +54,18 @@ def test_cli_out_collisions_and_bad_devices_exit_2_without_traceback(shapes, tmp
         proc = cli(*args, check=False)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert "--out" in proc.stderr or "device" in proc.stderr
+
+
+def test_eval_sets_whose_scores_mean_nothing_are_named(caplog):
+    from pathlib import Path
+
+    from cliptune.data import CaptionTable, LabelledImages
+    from cliptune.eval import EvalSuite
+
+    one_image = CaptionTable([Path("a.png")], [["a cat"]], name="tiny")
+    one_class = LabelledImages([Path("a.png"), Path("b.png")], [0, 0], ["cat", "dog"], name="cats")
+    two = CaptionTable([Path("a.png"), Path("b.png")], [["a cat"], ["a dog"]], name="fine")
+    EvalSuite(retrieval=[one_image, two], zeroshot=[(one_class, ["a {}"])]).warn_degenerate()
+    assert "eval.retrieval tiny: 1 usable image" in caplog.text
+    assert "eval.zeroshot cats: images of 1 class" in caplog.text
+    assert "fine" not in caplog.text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -10,6 +11,8 @@ from cliptune.data import CaptionTable, LabelledImages, read_caption_table, read
 from cliptune.eval.encode import Encoding
 from cliptune.eval.retrieval import evaluate_retrieval
 from cliptune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
+
+logger = logging.getLogger("cliptune.eval")
 
 if TYPE_CHECKING:  # the compositionality module is imported only by runs that have such a set
     from cliptune.eval.compositionality import CompositionalityTable
@@ -26,12 +29,31 @@ class EvalSuite:
 
     @classmethod
     def from_config(cls, cfg: EvalConfig) -> EvalSuite:
-        return cls(
+        suite = cls(
             retrieval=[read_caption_table(spec) for spec in cfg.retrieval],
             zeroshot=[(read_classification(spec), spec.templates) for spec in cfg.zeroshot],
             compositionality=[compositionality_table(spec) for spec in cfg.compositionality],
             batch_size=cfg.batch_size,
         )
+        suite.warn_degenerate()
+        return suite
+
+    def warn_degenerate(self) -> None:
+        """Name the sets whose scores mean nothing: one image (every recall is 100) or one class (accuracy is 100)."""
+        for table in self.retrieval:
+            if len(table.images) < 2:
+                logger.warning(
+                    "eval.retrieval %s: %d usable image; its recall is 100 whatever the model",
+                    table.name,
+                    len(table.images),
+                )
+        for data, _ in self.zeroshot:
+            if len(set(data.labels)) < 2:
+                logger.warning(
+                    "eval.zeroshot %s: images of %d class; its accuracy is 100 whatever the model",
+                    data.name,
+                    len(set(data.labels)),
+                )
 
     def __bool__(self) -> bool:
         return bool(self.retrieval or self.zeroshot or self.compositionality)
