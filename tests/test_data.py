@@ -7,6 +7,7 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -382,3 +383,23 @@ def test_list_file_with_tabs_allows_spaces_in_class_names(tmp_path: Path) -> Non
     (tmp_path / "list.txt").write_text(f"{a.name}\tsigns and symbols\n{b.name}\tfood\n")
     data = read_classification(ZeroShotSpec(path=str(tmp_path / "list.txt")))
     assert data.classnames == ["food", "signs and symbols"] and data.labels == [1, 0]
+
+
+@pytest.mark.parametrize(
+    ("array", "expected"),
+    [
+        (np.array([[0, 257 * 100, 32768, 65535]], dtype=np.uint16), [0, 100, 128, 255]),  # 16-bit PNG
+        (np.array([[0.0, 0.25, 0.5, 1.0]], dtype=np.float32), [0, 64, 128, 255]),  # float TIFF in [0, 1]
+        (np.array([[0, 10, 100, 255]], dtype=np.int32), [0, 10, 100, 255]),  # 32-bit integer holding 8-bit values
+    ],
+)
+def test_wide_greyscale_images_are_scaled_to_8_bits(tmp_path: Path, array: np.ndarray, expected: list[int]) -> None:
+    """Issue 11.5: PIL's own conversion clips 16-bit / float / 32-bit images to black and white."""
+    from PIL import Image
+
+    from cliptune.data.images import load_rgb
+
+    path = tmp_path / ("x.png" if array.dtype == np.uint16 else "x.tiff")
+    Image.fromarray(array).save(path)
+    rgb = np.asarray(load_rgb(path))
+    assert rgb.shape == (1, 4, 3) and rgb[0, :, 0].tolist() == expected and (rgb[..., 0] == rgb[..., 2]).all()

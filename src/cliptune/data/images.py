@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from PIL import Image
 
 from cliptune.utils.files import is_within
@@ -24,11 +25,29 @@ def to_rgb(image: Image.Image) -> Image.Image:
     A plain `convert("RGB")` drops alpha and keeps whatever colour sits under it, which for most clip-art and
     logos is black, so the image would turn into a black square.
     """
+    if image.mode in ("I", "F") or image.mode.startswith("I;16"):
+        image = _to_8bit(image)
     if image.mode not in _ALPHA_MODES and "transparency" not in image.info:
         return image.convert("RGB")
     rgba = image.convert("RGBA")
     white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
     return Image.alpha_composite(white, rgba).convert("RGB")
+
+
+def _to_8bit(image: Image.Image) -> Image.Image:
+    """16-bit, 32-bit integer and float greyscale scaled to 8 bits; PIL's own conversion clips them (to white).
+
+    Integers are scaled by the range their values need (16-bit PNGs open as mode I); floats in [0, 1] by 255.
+    """
+    values = np.asarray(image, dtype=np.float64)
+    top = float(values.max()) if values.size else 0.0
+    if image.mode == "F":
+        scaled = values * 255.0 if values.size and values.min() >= 0.0 and top <= 1.0 else values
+    elif top > 65535:
+        scaled = (values - values.min()) / max(top - values.min(), 1.0) * 255.0
+    else:
+        scaled = values / 257.0 if top > 255 or image.mode.startswith("I;16") else values
+    return Image.fromarray(np.clip(np.rint(scaled), 0, 255).astype(np.uint8), mode="L")
 
 
 def load_rgb(path: str | Path) -> Image.Image:
