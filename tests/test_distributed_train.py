@@ -4,9 +4,11 @@ One spawn runs every case on both ranks through `cliptune.finetune` (the process
 sets it: environment variables read by the trainer); the main pytest process runs each case on one process and
 compares the logged losses of every step and the final weights. Cases cover the plain CLIP loss, GradCache chunks
 under DDP (`no_sync`, one-tower last chunk), SigLIP (its bias lives in the objective, synchronised by DDP), NegCLIP
-hard negatives, label-aware targets, FSC-CLIP with its token-level loss, and a run resumed from its checkpoint.
+hard negatives, label-aware targets, FSC-CLIP with its token-level loss, FT-CLIP's cross-entropy with Mixup / CutMix
+and RandAugment + random erasing (per-sample seeded), and a run resumed from its checkpoint.
 """
 
+import csv
 import json
 import os
 from pathlib import Path
@@ -17,8 +19,10 @@ import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import cliptune
+from cliptune.data.synthetic import SHAPES
 
 WORLD = 2
+LABELS = "ddp_labels.txt"
 CASES = {
     "clip": {},
     "clip-chunked": {"train": {"chunk_size": 3}},
@@ -26,6 +30,14 @@ CASES = {
     "negclip": {"loss": {"name": "negclip", "tagger": "rules"}},
     "unicl": {"loss": {"name": "unicl"}},
     "fsc": {"loss": {"name": "fsc", "tagger": "rules", "hard_negatives": 2}},
+    "mixup": {
+        "loss": {"name": "ce"},
+        "data": {
+            "train": None,
+            "augment": {"auto_augment": "rand-m9-mstd0.5-inc1", "re_prob": 0.25},
+            "mixup": {"mixup_alpha": 0.8, "cutmix_alpha": 1.0},
+        },
+    },
     "resumed": {},  # one epoch, then resumed for a second
 }
 
@@ -39,7 +51,19 @@ def _config(shapes: Path, out: Path, name: str) -> dict:
         "optim": {"lr": 1e-3, "warmup_steps": 1},
         "runtime": {"output_dir": str(out), "progress": False, "seed": 0, "log_every": 1},
     }
-    return cliptune.config.merge(cfg, CASES[name])
+    cfg = cliptune.config.merge(cfg, CASES[name])
+    if cfg.get("loss", {}).get("name") == "ce":
+        cfg["data"]["labelled"] = {"path": str(shapes / LABELS), "templates": ["a photo of a {}."]}
+    return cfg
+
+
+def _write_labels(shapes: Path) -> None:
+    """The shapes images as a `path<TAB>shape` list: the labelled set of the classification case."""
+    lines = []
+    for row in csv.DictReader((shapes / "train.csv").open()):
+        caption = json.loads(row["caption"])[0]
+        lines.append(f"{row['image']}\t{next(s for s in SHAPES if s in caption)}\n")
+    (shapes / LABELS).write_text("".join(lines))
 
 
 def _train(shapes: Path, out: Path, name: str) -> None:
@@ -77,6 +101,7 @@ def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
     """(two-process output dir, one-process output dir), every case trained in both."""
     tmp = tmp_path_factory.mktemp("ddp")
     two, one = tmp / "two", tmp / "one"
+    _write_labels(shapes)
     context = mp.spawn(_worker, args=(_free_port(), str(shapes), str(two)), nprocs=WORLD, join=False)
     try:
         for _ in range(300):  # seconds; a hung collective must fail the test, not the suite

@@ -73,8 +73,20 @@ class ModelConfig:
     embed_dim: int = _doc(256, "composed backend: shared embedding size")
     init_temperature: float = _doc(0.07, "composed backend: initial softmax temperature (logit_scale = log 1/T)")
     init: str | None = _doc(None, "start from a saved model or run directory instead of the pretrained weights")
+    image_size: int | None = _doc(
+        None,
+        "image input size in pixels (e.g. 384 from a 224 checkpoint): position embeddings are interpolated as "
+        "open_clip / timm / transformers do, the transforms follow and the saved model records it; null: the model's",
+    )
+    drop_path: float = _doc(
+        0.0, "stochastic depth of the image tower's residual blocks, rising linearly to this rate at the last block"
+    )
 
     def __post_init__(self) -> None:
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"model.image_size: {self.image_size!r} must be a positive number of pixels, or null")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise ConfigError(f"model.drop_path: {self.drop_path!r} must be in [0, 1)")
         if self.backend == "composed" and (self.image_tower is None or self.text_tower is None):
             raise ConfigError("model: the composed backend needs both model.image_tower and model.text_tower")
 
@@ -153,6 +165,94 @@ class CompositionalitySpec:
             self.name = Path(self.path).stem
 
 
+def _unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value <= 1.0:
+        raise ConfigError(f"{key}: {value!r} is a probability; it must be in [0, 1]")
+
+
+def _range_pair(key: str, value: list[float] | None, upper: float | None = None) -> None:
+    if value is None:
+        return
+    if len(value) != 2 or not 0.0 < value[0] <= value[1] or (upper is not None and value[1] > upper):
+        limit = f", at most {upper}" if upper is not None else ""
+        raise ConfigError(f"{key}: {value!r} must be [low, high] with 0 < low <= high{limit}")
+
+
+# Prefixes of the policy strings timm's transform factory reads, plus torchvision's TrivialAugment (timm has none).
+AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "v0", "3a", "trivialaugment")
+
+
+@dataclass
+class AugmentConfig:
+    """Training-image augmentation by timm's transform factory (`timm.data.create_transform`); evaluation untouched.
+
+    Key names are `create_transform`'s. Each sample is augmented from a seed of (runtime.seed, epoch, index).
+    """
+
+    scale: list[float] = _doc(doc="random-resized-crop area range, as fractions", default_factory=lambda: [0.08, 1.0])
+    ratio: list[float] = _doc(doc="random-resized-crop aspect-ratio range", default_factory=lambda: [0.75, 4 / 3])
+    hflip: float | None = _doc(
+        None, "horizontal-flip probability; null: 0.5 for data.labelled, 0 for captions (where left/right matter)"
+    )
+    auto_augment: str | None = _doc(
+        None,
+        "policy: a timm string (rand-m9-mstd0.5-inc1 RandAugment, augmix-m5-w4-d2, original AutoAugment) or "
+        "trivialaugment (torchvision's TrivialAugmentWide); null: none",
+    )
+    color_jitter: float | None = _doc(
+        0.4, "colour-jitter strength (brightness, contrast, saturation); timm skips it under auto_augment; null: off"
+    )
+    interpolation: str | None = _doc(None, "crop resize: bicubic, bilinear, random; null: the model's own")
+    re_prob: float = _doc(0.0, "random-erasing probability (after normalisation)")
+    re_mode: str = _choice(
+        "pixel",
+        "pixel",
+        "rand",
+        "const",
+        doc="random erasing fills with per-pixel noise, one noise colour per box, or zeros",
+    )
+    re_count: int = _doc(1, "random erasing: how many boxes")
+
+    def __post_init__(self) -> None:
+        _range_pair("data.augment.scale", self.scale, upper=1.0)
+        _range_pair("data.augment.ratio", self.ratio)
+        for key in ("hflip", "re_prob"):
+            if getattr(self, key) is not None:
+                _unit_interval(f"data.augment.{key}", getattr(self, key))
+        policy = self.auto_augment
+        if policy is not None and not policy.startswith(AUTO_AUGMENT_PREFIXES):
+            raise ConfigError(
+                f"data.augment.auto_augment: {policy!r} is not a policy; start it with one of "
+                f"{', '.join(AUTO_AUGMENT_PREFIXES)} (e.g. rand-m9-mstd0.5-inc1)"
+            )
+        if self.interpolation not in (None, "bicubic", "bilinear", "random", "nearest"):
+            raise ConfigError(f"data.augment.interpolation: {self.interpolation!r}; use bicubic, bilinear or random")
+        if self.re_count < 1:
+            raise ConfigError(f"data.augment.re_count: {self.re_count!r} must be >= 1")
+
+
+@dataclass
+class MixupConfig:
+    """Mixup / CutMix of training images and their labels by timm's `Mixup` (loss.name ce); key names are its."""
+
+    mixup_alpha: float = _doc(0.0, "mixup Beta(alpha, alpha); 0: off")
+    cutmix_alpha: float = _doc(0.0, "cutmix Beta(alpha, alpha); 0: off")
+    cutmix_minmax: list[float] | None = _doc(None, "cutmix box size range as fractions of the image (turns cutmix on)")
+    prob: float = _doc(1.0, "probability that a pair of samples is mixed at all")
+    switch_prob: float = _doc(0.5, "with both on: probability of cutmix instead of mixup")
+
+    def __post_init__(self) -> None:
+        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
+            raise ConfigError("data.mixup: mixup_alpha and cutmix_alpha must be >= 0 (0 turns each off)")
+        _range_pair("data.mixup.cutmix_minmax", self.cutmix_minmax, upper=1.0)
+        _unit_interval("data.mixup.prob", self.prob)
+        _unit_interval("data.mixup.switch_prob", self.switch_prob)
+
+    @property
+    def active(self) -> bool:
+        return self.mixup_alpha > 0 or self.cutmix_alpha > 0 or self.cutmix_minmax is not None
+
+
 @dataclass
 class DataConfig:
     train: TableSpec | None = _doc(None, "training image-caption table")
@@ -167,6 +267,10 @@ class DataConfig:
     samples_per_epoch: int | None = _doc(None, "shards: samples per epoch (default: all samples of the manifest)")
     shuffle_buffer: int = _doc(1000, "shards: samples in the shuffle buffer")
     shard_caption_key: str = _doc("captions", "shards: key of each sample's json holding its caption(s)")
+    augment: AugmentConfig | None = _doc(
+        None, "training-image augmentation by timm's pipeline (a mapping, even {}); null: the model's own train crop"
+    )
+    mixup: MixupConfig = field(default_factory=MixupConfig)
 
     def __post_init__(self) -> None:
         given = [k for k in ("train", "labelled", "shards") if getattr(self, k) is not None]
@@ -277,8 +381,13 @@ class TrainConfig:
 @dataclass
 class OptimConfig:
     lr: float = _doc(1.0e-4, "peak learning rate")
-    weight_decay: float = _doc(0.2, "AdamW weight decay (never on biases, norms, 1-D params, logit_scale)")
+    weight_decay: float = _doc(0.2, "weight decay (never on biases, norms, 1-D params, logit_scale)")
+    optimizer: str = _registered(
+        "adamw", "cliptune.train.optim:OPTIMIZERS", doc="torch AdamW, or SGD with momentum (linear probes)"
+    )
+    momentum: float = _doc(0.9, "sgd: momentum")
     warmup_steps: int = _doc(10, "linear warm-up steps before the cosine decay")
+    warmup_epochs: float | None = _doc(None, "warm-up in epochs (may be fractional); when set it replaces warmup_steps")
     grad_clip: float | None = _doc(5.0, "max global gradient norm; null disables clipping")
     beta1: float = _doc(0.9, "AdamW beta1")
     beta2: float = _doc(0.98, "AdamW beta2")
@@ -553,6 +662,8 @@ def _check_ranges(cfg: RunConfig) -> None:
     for key in ("layer_decay_image", "layer_decay_text"):
         if not 0.0 < getattr(cfg.optim, key) <= 1.0:
             raise ConfigError(f"optim.{key}: {getattr(cfg.optim, key)!r} must be in (0, 1]")
+    if cfg.optim.warmup_epochs is not None and cfg.optim.warmup_epochs < 0:
+        raise ConfigError(f"optim.warmup_epochs: {cfg.optim.warmup_epochs!r} must be >= 0, or null")
     if "/" in cfg.name or not cfg.name.strip():
         raise ConfigError(f"name: {cfg.name!r} must be a non-empty folder name without '/'")
     _check_limits(cfg)
@@ -682,6 +793,12 @@ def check_training(cfg: RunConfig) -> None:
         raise ConfigError(
             f"loss.name {name} with its token-level loss (loss.local_weight > 0) works on whole batches: set "
             "train.chunk_size null, or loss.local_weight 0"
+        )
+    if cfg.data.mixup.active and not spec.mixes:
+        raise ConfigError(
+            f"data.mixup: mixing images and their labels needs class labels and a classification loss; "
+            f"loss.name {name!r} has neither. Use loss.name ce with data.labelled, or set "
+            "data.mixup.mixup_alpha and cutmix_alpha to 0"
         )
     if (spec.negatives or spec.groups) and cfg.data.shards is not None:
         raise ConfigError(

@@ -8,6 +8,7 @@ import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
@@ -178,15 +179,20 @@ class TrainPairs(Dataset):
 
 
 def seeded_transform(transform: Transform, image: Image.Image, seed: int) -> torch.Tensor:
-    """`transform(image)` with torch's and Python's generators seeded by `seed`, both restored afterwards."""
-    state = random.getstate()
+    """`transform(image)` with torch's, Python's and NumPy's generators seeded by `seed`, all restored afterwards.
+
+    NumPy too: timm's RandAugment picks its operations with `np.random`.
+    """
+    state, np_state = random.getstate(), np.random.get_state()
     try:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             random.seed(seed)
+            np.random.seed(seed % 2**32)
             return transform(image)
     finally:
         random.setstate(state)
+        np.random.set_state(np_state)
 
 
 def collate_skip_none(batch: Sequence[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:

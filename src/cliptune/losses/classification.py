@@ -22,13 +22,25 @@ if TYPE_CHECKING:
 CLASSIFIER_SCALE = 100.0
 
 
-def classification_loss(cfg: LossConfig, model: ClipModel, image: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Label-smoothed cross-entropy of `CLASSIFIER_SCALE * image @ class_weights.T`, averaged over every process."""
+def classification_loss(
+    cfg: LossConfig,
+    model: ClipModel,
+    image: torch.Tensor,
+    labels: torch.Tensor,
+    targets: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Label-smoothed cross-entropy of `CLASSIFIER_SCALE * image @ class_weights.T`, averaged over every process.
+
+    `targets` ([B, C] class shares, from data.mixup) replace the labels; timm's mixup targets are already smoothed.
+    """
     weights = getattr(model, "class_weights", None)
     if weights is None:
         raise ConfigError("loss.name ce: the model has no class head; train it on data.labelled")
     logits = CLASSIFIER_SCALE * image @ weights.float().T
-    per_sample = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, reduction="none")
+    if targets is not None:
+        per_sample = F.cross_entropy(logits, targets.float(), reduction="none")
+    else:
+        per_sample = F.cross_entropy(logits, labels, label_smoothing=cfg.label_smoothing, reduction="none")
     return global_mean(per_sample.sum(), len(per_sample))
 
 

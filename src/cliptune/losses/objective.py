@@ -38,6 +38,7 @@ class Extras:
 
     group: torch.Tensor | None = None  # [B]
     negative_mask: torch.Tensor | None = None  # [B, N]
+    targets: torch.Tensor | None = None  # [B, C] soft class targets (mixup / cutmix, smoothing included)
 
 
 @dataclass
@@ -78,6 +79,7 @@ class ObjectiveSpec:
     parameters: Callable[[LossConfig, ClipModel], dict[str, nn.Parameter]] = _no_parameters  # owned by the loss
     prepare: Callable[[RunConfig, ClipModel], ClipModel] | None = None  # changes the model before training
     settings: tuple[str, ...] = ()  # the `loss.*` keys it reads (besides name and local_loss); others are warned about
+    mixes: bool = False  # takes soft class targets (`Extras.targets`), so data.mixup can mix its batches
 
 
 class Objective(nn.Module):
@@ -201,7 +203,8 @@ def _fsc_tokens(obj: Objective, model: ClipModel, dense: Dense, extras: Extras) 
 def _ce(
     obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor | None, extras: Extras
 ) -> torch.Tensor:
-    return classification_loss(obj.cfg, model, image, _required(extras.group, "class labels"))
+    labels = _required(extras.group, "class labels")
+    return classification_loss(obj.cfg, model, image, labels, extras.targets)
 
 
 _NEGATIVES = ("hard_negatives", "negative_kinds", "tagger")  # how many hard negatives, and how they are generated
@@ -220,7 +223,13 @@ OBJECTIVES: dict[str, ObjectiveSpec] = {
     ),
     "unicl": ObjectiveSpec(_unicl, groups=True),
     "ce": ObjectiveSpec(
-        _ce, groups=True, labelled=True, uses_text=False, prepare=with_class_head, settings=("label_smoothing",)
+        _ce,
+        groups=True,
+        labelled=True,
+        uses_text=False,
+        prepare=with_class_head,
+        settings=("label_smoothing",),
+        mixes=True,
     ),
 }
 

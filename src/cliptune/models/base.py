@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torchvision import transforms as T
 
 from cliptune.models.errors import ModelError
 from cliptune.models.layers import Found, LayerGroups, find_trunk, library_layers
@@ -59,6 +60,40 @@ def dense_tokens_unsupported(backend: str, why: str) -> NotImplementedError:
         "(not wrapped with projection heads or prompt tuning) return them. loss.name 'fsc' needs them for its local "
         "hard-negative loss: use such a model, or set the local hard-negative loss weight (loss.local_weight) to 0."
     )
+
+
+DROP_PATH_SUPPORT = "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm image tower have it"
+IMAGE_SIZE_SUPPORT = (
+    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm image tower can change input size"
+)
+
+
+class ImagePreprocessing(NamedTuple):
+    """What a model's image input expects: square size in pixels, normalisation and resize interpolation."""
+
+    size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    interpolation: str  # torchvision / timm name: bicubic, bilinear, ...
+
+
+def preprocessing_of(transform: Any) -> ImagePreprocessing:
+    """Size, mean, std and interpolation read off a torchvision `Compose` (resize, centre crop, normalise)."""
+    steps = list(getattr(transform, "transforms", [transform]))
+    norms = [t for t in steps if isinstance(t, T.Normalize)]
+    sizes = [t.size for t in steps if isinstance(t, (T.CenterCrop, T.Resize, T.RandomResizedCrop))]
+    resizes = [t.interpolation for t in steps if isinstance(t, (T.Resize, T.RandomResizedCrop))]
+    if not norms or not sizes:
+        raise ValueError(f"cannot read the input size and normalisation off the transform {transform!r}")
+    size = sizes[-1]  # the crop comes after the resize: it fixes the input
+    size = size if isinstance(size, int) else size[0]
+    mode = resizes[-1].value if resizes else "bicubic"
+    return ImagePreprocessing(int(size), tuple(norms[-1].mean), tuple(norms[-1].std), mode)
+
+
+def unsupported(what: str, model: nn.Module, supported: str) -> NotImplementedError:
+    """The error of an optional hook a backend does not implement: which key asked for it and who supports it."""
+    return NotImplementedError(f"{what} is not supported by the {type(model).__name__} model; {supported}")
 
 
 class ExportUnsupported(ModelError):
@@ -298,6 +333,31 @@ class ClipModel(nn.Module):
         with torch.no_grad():
             self.encode_image_tokens(image)
             self.encode_text_tokens(self.tokenize(["a photo"]))
+
+    # --- optional hooks for classification fine-tuning (FT-CLIP); a backend overrides what it supports
+
+    def image_preprocessing(self) -> ImagePreprocessing:
+        """The image input's size, mean/std and interpolation, so an augmentation pipeline can match them.
+
+        Default: read off `eval_transform` (a torchvision Compose with a resize or crop and a Normalize).
+        """
+        return preprocessing_of(self.eval_transform)
+
+    def set_drop_path(self, rate: float) -> int:
+        """Stochastic depth on the image tower's residual blocks, the rate rising linearly to `rate` at the last
+        block (timm's rule); returns the number of blocks. Active in training mode only: evaluation is unchanged.
+
+        Default: unsupported (raises NotImplementedError naming the backends that do it).
+        """
+        raise unsupported("model.drop_path", self, DROP_PATH_SUPPORT)
+
+    def set_image_size(self, size: int) -> None:
+        """Take `size` x `size` images: position embeddings interpolated the way the tower's library does, the
+        transforms rebuilt, and `spec()` / `save_assets` recording the size so the saved model rebuilds at it.
+
+        Default: unsupported (raises NotImplementedError naming the backends that do it).
+        """
+        raise unsupported("model.image_size", self, IMAGE_SIZE_SUPPORT)
 
     def tower_parameters(self, tower: Tower) -> dict[str, nn.Parameter]:
         return {n: p for n, p in self.named_parameters() if self.tower_of(n) == tower}

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.config import ModelConfig, TowerConfig
-from cliptune.models.base import Tower, TrunkHeadModel
+from cliptune.models.base import DROP_PATH_SUPPORT, IMAGE_SIZE_SUPPORT, Tower, TrunkHeadModel, unsupported
 from cliptune.models.errors import ModelError
 from cliptune.models.layers import Found, library_layers
 from cliptune.models.prompted import TextPath, hf_tokenize, insert_prompts, rows, shift_index, start_offset
@@ -33,6 +33,8 @@ from cliptune.models.towers import (
     build_text_tower,
     rebuild_image_tower,
     rebuild_text_tower,
+    timm_set_input_size,
+    timm_with_drop_path,
     tower_layers,
 )
 
@@ -84,6 +86,7 @@ class ComposedClip(TrunkHeadModel):
         self.image_width, self.text_width = image.width, text.width
         self.preprocess, self.image_extras, self._image_hf_config = image.preprocess, image.extras, image.hf_config
         self.train_transform, self.eval_transform = image.preprocess.transforms()
+        self.image_size: int | None = None  # set by set_image_size; None: the tower's own
 
     # --- the four pieces, public so a trainer can cache what a locked tower produces
 
@@ -101,6 +104,26 @@ class ComposedClip(TrunkHeadModel):
 
     def text_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.text_projection(features)
+
+    # --- optional hooks: timm image towers only (timm builds drop path in and resizes its own embeddings)
+
+    def set_drop_path(self, rate: float) -> int:
+        self.image_tower = timm_with_drop_path(
+            self.image_tower, self._timm_name("model.drop_path", DROP_PATH_SUPPORT), rate
+        )
+        return sum(1 for m in self.image_tower.modules() if type(m).__name__ == "DropPath")
+
+    def set_image_size(self, size: int) -> None:
+        timm_set_input_size(self.image_tower, self._timm_name("model.image_size", IMAGE_SIZE_SUPPORT), size)
+        self.preprocess = dataclasses.replace(self.preprocess, size=size)
+        self.train_transform, self.eval_transform = self.preprocess.transforms()
+        self.image_size = size
+
+    def _timm_name(self, key: str, supported: str) -> str:
+        cfg = self.layout.image_cfg
+        if cfg.source != "timm":
+            raise unsupported(f"{key} (a {cfg.source} image tower)", self, supported)
+        return cfg.name
 
     # --- the ClipModel interface
 
@@ -147,6 +170,7 @@ class ComposedClip(TrunkHeadModel):
             "preprocess": dataclasses.asdict(self.preprocess),
             "image_extras": dict(self.image_extras),
             "token_length": self.text_tower.length,
+            **({"image_size": self.image_size} if self.image_size is not None else {}),
         }
 
     # --- export
@@ -222,7 +246,10 @@ def rebuild(spec: dict[str, Any], folder: Path | None = None) -> ComposedClip:
             f"saved spec widths {spec['image_features']}/{spec['text_features']} do not match the rebuilt towers"
         )
     layout = Layout(spec["arch"], image_cfg, text_cfg, spec["head"], spec["embed_dim"], spec["init_temperature"])
-    return ComposedClip(layout, image, text).eval()
+    model = ComposedClip(layout, image, text).eval()
+    if spec.get("image_size") is not None:  # a resized timm ViT: its position table has the saved shape
+        model.set_image_size(int(spec["image_size"]))
+    return model
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -35,6 +35,7 @@ from transformers.utils import ModelOutput
 
 from cliptune.config import ModelConfig
 from cliptune.models.base import ClipModel, HFExport, Tower, dense_tokens_unsupported, tracing
+from cliptune.models.drop_path import add_drop_path
 from cliptune.models.errors import ModelError
 from cliptune.models.prompted import TextPath, hf_tokenize, insert_prompts, rows, shift_index, start_offset
 
@@ -221,6 +222,19 @@ class HFClipModel(ClipModel):
         if projection.bias is not None:
             projection.bias.copy_(weight.to(projection.bias) @ projection.bias)
 
+    def set_drop_path(self, rate: float) -> int:
+        """Drop path on the attention and MLP branches of every vision encoder layer (CLIP and SigLIP alike)."""
+        layers = self.model.vision_model.encoder.layers
+        return add_drop_path(self.model.vision_model, [(layer.self_attn, layer.mlp) for layer in layers], rate)
+
+    def set_image_size(self, size: int) -> None:
+        """Position embeddings resampled by the vision embeddings' own `interpolate_pos_encoding` (bicubic), the
+        vision config and the image processor set to `size`: both are saved, so the model rebuilds at that size."""
+        resize_vision_embeddings(self.model.vision_model.embeddings, size)
+        self.model.config.vision_config.image_size = size
+        _resize_processor(self.image_processor, size)
+        self.train_transform, self.eval_transform = image_transforms(self.image_processor)
+
     def save_assets(self, folder: Path) -> None:
         """Write the HF config, tokenizer and preprocessor config to `folder/hf/`: `rebuild` needs nothing else."""
         assets = Path(folder) / ASSETS_DIR
@@ -228,6 +242,35 @@ class HFClipModel(ClipModel):
         self.model.config.save_pretrained(assets)
         self.tokenizer.save_pretrained(assets)
         self.image_processor.save_pretrained(assets)
+
+
+def resize_vision_embeddings(embeddings: nn.Module, size: int) -> None:
+    """A CLIP / SigLIP vision embeddings module taking `size` x `size` images from now on.
+
+    The new position table is what transformers' `interpolate_pos_encoding` computes for such an image on every
+    forward (`interpolate_pos_encoding=True`), stored once so the model is a plain model of the new size.
+    """
+    extra = embeddings.num_positions - embeddings.num_patches  # CLIP: the class token's position; SigLIP: none
+    patches = (size // embeddings.patch_size) ** 2
+    table = embeddings.position_embedding.weight
+    with torch.no_grad():
+        probe = table.new_zeros(1, patches + extra, table.shape[1])  # only its shape is read
+        resized = embeddings.interpolate_pos_encoding(probe, size, size)[0]
+    embeddings.position_embedding = nn.Embedding.from_pretrained(resized.detach().clone(), freeze=False)
+    positions = torch.arange(patches + extra, device=table.device).expand((1, -1))
+    embeddings.register_buffer("position_ids", positions, persistent=False)
+    embeddings.image_size, embeddings.num_patches, embeddings.num_positions = size, patches, patches + extra
+    embeddings.config.image_size = size
+
+
+def _resize_processor(processor: Any, size: int) -> None:
+    """Point an HF image processor's resize (shortest edge, or height x width) and centre crop at `size`."""
+    if _field(processor.size, "shortest_edge"):
+        processor.size = {"shortest_edge": size}
+    else:
+        processor.size = {"height": size, "width": size}
+    if getattr(processor, "crop_size", None) is not None:
+        processor.crop_size = {"height": size, "width": size}
 
 
 def _pooled(output: torch.Tensor | ModelOutput) -> torch.Tensor:

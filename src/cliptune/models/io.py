@@ -39,6 +39,7 @@ _FIELD_TYPES: dict[str, type | tuple[type, ...]] = {
     "text_features": int,
     "image_extras": dict,
     "token_length": int,
+    "image_size": (int, list),  # model.image_size: openclip [h, w], composed a side
 }
 
 

@@ -18,12 +18,24 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import parse_model_name
+from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import AttentionPool2d
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
 from torch import nn
 
 from cliptune.config import ModelConfig
-from cliptune.models.base import ClipModel, HFExport, OpenClipExport, Tower, dense_tokens_unsupported, tracing
+from cliptune.models.base import (
+    DROP_PATH_SUPPORT,
+    IMAGE_SIZE_SUPPORT,
+    ClipModel,
+    HFExport,
+    OpenClipExport,
+    Tower,
+    dense_tokens_unsupported,
+    tracing,
+    unsupported,
+)
+from cliptune.models.drop_path import add_drop_path
 from cliptune.models.errors import ModelError
 from cliptune.models.layers import Found, is_from, library_layers, rule
 from cliptune.models.prompted import TextPath, insert_prompts, rows, shift_index
@@ -169,6 +181,33 @@ class OpenClipModel(ClipModel):
             return [m for n in _FLAT_TEXT if isinstance(m := getattr(self.model, n, None), nn.Module)]
         return []
 
+    def set_drop_path(self, rate: float) -> int:
+        """Drop path on both residual branches of every image block (after `ls_1` / `ls_2`, where timm puts it)."""
+        visual = self._vit("model.drop_path", DROP_PATH_SUPPORT)
+        branches = [(block.ls_1, block.ls_2) for block in visual.transformer.resblocks]
+        return add_drop_path(visual, branches, rate)
+
+    def set_image_size(self, size: int) -> None:
+        """The same weights in the architecture built for `size` (open_clip's `force_image_size`), with the position
+        embeddings resampled by open_clip's own `resize_pos_embed`, which its checkpoint loader applies too."""
+        self._vit("model.image_size", IMAGE_SIZE_SUPPORT)
+        preprocess = {**self.model.visual.preprocess_cfg, "size": size}
+        quick_gelu = any(isinstance(m, QuickGELU) for m in self.model.modules())
+        resized = create(self.arch, None, quick_gelu=quick_gelu, preprocess=preprocess, image_size=size)
+        state = self.model.state_dict()
+        resize_pos_embed(state, resized.model)
+        resized.model.load_state_dict(state)
+        resized.model.train(self.model.training)
+        self.model, self.train_transform, self.eval_transform = resized.model, *resized.transforms()
+
+    def transforms(self) -> tuple[Any, Any]:
+        return self.train_transform, self.eval_transform
+
+    def _vit(self, key: str, supported: str) -> VisionTransformer:
+        if not isinstance(self.model.visual, VisionTransformer):
+            raise unsupported(f"{key} ({self.arch}, a {type(self.model.visual).__name__} image tower)", self, supported)
+        return self.model.visual
+
     def spec(self) -> dict[str, Any]:
         uses_quick_gelu = any(isinstance(m, QuickGELU) for m in self.model.modules())
         spec = {
@@ -177,6 +216,8 @@ class OpenClipModel(ClipModel):
             "quick_gelu": uses_quick_gelu,
             "preprocess": dict(self.model.visual.preprocess_cfg),
         }
+        if isinstance(self.model.visual, VisionTransformer):  # rebuilt at this size (a resized model differs)
+            spec["image_size"] = self.model.visual.image_size
         return json.loads(json.dumps(spec))  # tuples -> lists: the spec equals what model.json reads back
 
     # --- export
@@ -210,6 +251,8 @@ class OpenClipModel(ClipModel):
             raise self.cannot_export("open_clip", f"open_clip has no config for {self.arch!r}")
         if any(isinstance(m, QuickGELU) for m in self.model.modules()):
             cfg["quick_gelu"] = True  # a tag or model.json may force it on an architecture that defaults to GELU
+        if isinstance(self.model.visual, VisionTransformer):  # model.image_size may have resized it
+            cfg["vision_cfg"]["image_size"] = self.model.visual.image_size[0]
         return json.loads(json.dumps(cfg))
 
     def to_open_clip(self) -> OpenClipExport:
@@ -335,7 +378,14 @@ def build(cfg: ModelConfig) -> OpenClipModel:
 def rebuild(spec: dict[str, Any], folder: Path | None = None) -> OpenClipModel:
     """The architecture a saved `spec()` describes, random-initialised: the saved weights are loaded after."""
     _check_preprocess(spec.get("preprocess") or {})
-    return create(spec["arch"], None, quick_gelu=spec.get("quick_gelu", False), preprocess=spec.get("preprocess"))
+    size = spec.get("image_size")
+    return create(
+        spec["arch"],
+        None,
+        quick_gelu=spec.get("quick_gelu", False),
+        preprocess=spec.get("preprocess"),
+        image_size=size[0] if isinstance(size, list) else size,
+    )
 
 
 # What open_clip's image_transform accepts (it asserts these, which would surface as a bare AssertionError).
@@ -361,9 +411,14 @@ def _check_preprocess(pre: dict[str, Any]) -> None:
 
 
 def create(
-    arch: str, pretrained: str | None, quick_gelu: bool = False, preprocess: dict | None = None
+    arch: str,
+    pretrained: str | None,
+    quick_gelu: bool = False,
+    preprocess: dict | None = None,
+    image_size: int | None = None,
 ) -> OpenClipModel:
-    """An OpenCLIP model; `quick_gelu` and `preprocess` carry what a tag set, so a saved model rebuilds exactly."""
+    """An OpenCLIP model; `quick_gelu`, `preprocess` and `image_size` carry what a tag or a resize set, so a saved
+    model rebuilds exactly."""
     _check_arch(arch)
     _check_pretrained(arch, pretrained)
     pre = preprocess or {}
@@ -375,6 +430,8 @@ def create(
     )
     if quick_gelu:
         kwargs["force_quick_gelu"] = True
+    if image_size is not None:
+        kwargs["force_image_size"] = image_size
     try:
         # open_clip warns on the root logger that a model without `pretrained` is random: that is what was asked.
         with _root_log_level(logging.ERROR if pretrained is None else logging.root.level), _weights_only():

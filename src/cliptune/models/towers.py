@@ -297,6 +297,29 @@ def _timm_tower(cfg: TowerConfig, key: str) -> ImageTower:
     return ImageTower(model, pre)
 
 
+def timm_with_drop_path(trunk: nn.Module, name: str, rate: float) -> nn.Module:
+    """The same timm model built with `drop_path_rate=rate`, weights copied: timm's own per-architecture schedule."""
+    timm = _require("timm", "timm")
+    try:
+        model = timm.create_model(name, pretrained=False, num_classes=0, drop_path_rate=rate)
+    except TypeError as e:  # an architecture without stochastic depth refuses the argument
+        raise ModelError(f"model.drop_path: timm model {name!r} has no stochastic depth ({e})") from e
+    size = getattr(getattr(trunk, "patch_embed", None), "img_size", None)
+    if size is not None and callable(getattr(model, "set_input_size", None)):  # a resized ViT: resize the copy too
+        model.set_input_size(img_size=size)
+    model.load_state_dict(trunk.state_dict())
+    return model.train(trunk.training)
+
+
+def timm_set_input_size(trunk: nn.Module, name: str, size: int) -> None:
+    """A timm tower at `size` px: ViTs resample their position embeddings (`set_input_size`, timm's own);
+    convolutional nets pool globally and need nothing."""
+    if callable(getattr(trunk, "set_input_size", None)):
+        trunk.set_input_size(img_size=size)
+    elif getattr(trunk, "pos_embed", None) is not None:
+        raise ModelError(f"model.image_size: timm model {name!r} has position embeddings timm cannot resize")
+
+
 def _drop_classifier(model: nn.Module) -> str:
     """Replace the last Linear (the classifier) with Identity and return its name.
 

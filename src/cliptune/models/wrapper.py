@@ -93,6 +93,13 @@ class WrappedModel(ClipModel):
     def head(self, tower: Tower, features: torch.Tensor) -> torch.Tensor:
         return self.base.head(tower, features)
 
+    def set_drop_path(self, rate: float) -> int:
+        return self.base.set_drop_path(rate)
+
+    def set_image_size(self, size: int) -> None:
+        self.base.set_image_size(size)
+        self.train_transform, self.eval_transform = self.base.train_transform, self.base.eval_transform
+
     # --- export (`cliptune.export`): what describes the text input is the base's; formats and `to_*` are not
     # delegated, since a wrapper's own parameters must go somewhere (each wrapper says where, or refuses)
 

@@ -12,7 +12,7 @@ from torch.utils.data import DataLoader
 
 from cliptune.config import RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
-from cliptune.data.datasets import NegativeSource
+from cliptune.data.datasets import NegativeSource, Transform
 from cliptune.data.shards import ShardStream
 from cliptune.eval.encode import Encoding
 from cliptune.losses.objective import Objective
@@ -60,7 +60,7 @@ def train_dataset(
         )
     return TrainPairs(
         table,
-        model.train_transform,
+        image_transform(cfg, model),
         model.tokenize,
         cfg.runtime.seed,
         image_features,
@@ -70,6 +70,17 @@ def train_dataset(
         negatives=negative_source(cfg, table) if objective.needs_negatives else None,
         hard_negatives=cfg.loss.hard_negatives,
     )
+
+
+def image_transform(cfg: RunConfig, model: ClipModel) -> Transform:
+    """The training images' transform: timm's augmentation pipeline with `data.augment`, else the model's own."""
+    if cfg.data.augment is None:
+        return model.train_transform
+    from cliptune.data.augment import train_transform
+
+    transform = train_transform(cfg.data.augment, model.image_preprocessing(), cfg.data.labelled is not None)
+    log.info("training images: %s", transform)
+    return transform
 
 
 def negative_source(cfg: RunConfig, table: CaptionTable) -> NegativeSource:
@@ -111,7 +122,7 @@ def shard_stream(cfg: RunConfig, model: ClipModel, objective: Objective, where: 
     assert cfg.data.shards is not None
     return ShardStream(
         cfg.data.shards,
-        model.train_transform,
+        image_transform(cfg, model),
         model.tokenize,
         cfg.runtime.seed,
         shuffle_buffer=cfg.data.shuffle_buffer,

@@ -114,6 +114,13 @@ class GlobalBatchSampler(Sampler[list[int]]):
         batch = self.batch_size if self.drop_last else min(self.batch_size, self.size)
         return len(range(batch)[self.where.rank :: self.where.size])
 
+    @property
+    def local_offset(self) -> int:
+        """Index, within each global batch, of this rank's first sample (`tensor_split`'s parts come first-larger)."""
+        batch = self.batch_size if self.drop_last else min(self.batch_size, self.size)
+        base, larger = divmod(batch, self.where.size)
+        return self.where.rank * base + min(self.where.rank, larger)
+
     def __len__(self) -> int:
         return self.size // self.batch_size if self.drop_last else -(-self.size // self.batch_size)
 

@@ -31,6 +31,7 @@ class Batch:
     group: torch.Tensor | None = None
     negatives: torch.Tensor | None = None  # [B, N, L] tokens
     negative_mask: torch.Tensor | None = None  # [B, N]
+    targets: torch.Tensor | None = None  # [B, C] soft class targets (mixup / cutmix); None: `group` holds labels
 
     @classmethod
     def from_columns(cls, fields: tuple[str, ...], columns: tuple[torch.Tensor, ...], device: torch.device) -> Batch:
@@ -50,7 +51,7 @@ class Batch:
 
     @property
     def extras(self) -> Extras:
-        return Extras(self.group, self.negative_mask)
+        return Extras(self.group, self.negative_mask, self.targets)
 
 
 class TrainModule(nn.Module):

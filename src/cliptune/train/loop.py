@@ -121,6 +121,9 @@ def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
                 "above); remove or repair those files and resume with --resume"
             )
         out = Batch.from_columns(fields, batch, trainer.device)
+        if trainer.mixup is not None:  # the images' new labels are soft targets: class shares summing to 1
+            first = loader.batch_sampler.local_offset
+            out.images, out.targets = trainer.mixup(out.images, out.group, trainer.state.step, first)
         if trainer.cfg.runtime.channels_last:
             out.images = out.images.contiguous(memory_format=torch.channels_last)
         yield out

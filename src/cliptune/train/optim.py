@@ -1,4 +1,4 @@
-"""AdamW with the CLIP weight-decay split, and the per-step warm-up + cosine learning-rate schedule."""
+"""The optimizer (AdamW by default) over the CLIP weight-decay split, and the per-step warm-up + cosine schedule."""
 
 from __future__ import annotations
 
@@ -13,16 +13,30 @@ from cliptune.models.base import ClipModel
 from cliptune.tuning.param_groups import describe_groups, param_groups
 
 
+def _adamw(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # torch's SGD adds weight decay to the gradient (L2), as the linear-probe and timm "momentum" recipes do.
+    return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
+
+
+# optim.optimizer -> its factory over parameter groups (each group carries its own lr scale and weight decay).
+# LAMB and Lion are not here: torch has neither, and timm's stay with the backends (see tests/test_architecture.py).
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+
+
 def build_optimizer(
     model: ClipModel, cfg: OptimConfig, extra: dict[str, nn.Parameter] | None = None
-) -> torch.optim.AdamW:
-    """AdamW over per-tower, per-layer groups (layer-wise lr decay, per-tower lr and weight decay); `extra`
-    parameters (the objective's own) join the shared groups."""
+) -> torch.optim.Optimizer:
+    """`optim.optimizer` over per-tower, per-layer groups (layer-wise lr decay, per-tower lr and weight decay);
+    `extra` parameters (the objective's own) join the shared groups."""
     groups = param_groups(model, cfg, extra)
     if not groups:
         raise ValueError("nothing to train: every parameter is locked (see the `finetune` section of the config)")
     logging.getLogger("cliptune").info("parameter groups:\n%s", describe_groups(groups))
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    return OPTIMIZERS[cfg.optimizer](groups, cfg)
 
 
 def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> float:
@@ -36,9 +50,17 @@ def lr_factor(step: int, warmup_steps: int, total_steps: int, schedule: str) -> 
     return 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def warmup_steps(cfg: OptimConfig, steps_per_epoch: int | None) -> int:
+    """optim.warmup_epochs in steps (rounded) when set, else optim.warmup_steps."""
+    if cfg.warmup_epochs is None:
+        return cfg.warmup_steps
+    if steps_per_epoch is None:
+        raise ValueError("optim.warmup_epochs needs the number of steps per epoch")
+    return round(cfg.warmup_epochs * steps_per_epoch)
+
+
 def build_scheduler(
-    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int
+    optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int, steps_per_epoch: int | None = None
 ) -> torch.optim.lr_scheduler.LambdaLR:
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: lr_factor(step, cfg.warmup_steps, total_steps, cfg.schedule)
-    )
+    warmup = warmup_steps(cfg, steps_per_epoch)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, warmup, total_steps, cfg.schedule))

@@ -6,7 +6,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -40,6 +40,9 @@ from cliptune.tuning.ema import EMA
 from cliptune.tuning.locking import apply_locking, fully_locked_towers
 from cliptune.tuning.strategies import adapt, adapted_towers, after_locking, changing_state, save_initial_state, wrap
 from cliptune.tuning.wise import INITIAL_FILE
+
+if TYPE_CHECKING:
+    from cliptune.data.augment import PairMixup
 
 Callback = Callable[["Trainer"], None]
 # When a resumed run may differ from the saved config: these change how, not what, is computed.
@@ -81,6 +84,7 @@ class Trainer:
     forward: Callable[..., Any]  # `module`, or its DDP wrapper, possibly compiled: what a step calls
     where: World = SINGLE
     ema: EMA | None = None
+    mixup: PairMixup | None = None  # data.mixup: mixes each batch's images and labels before the forward pass
     # the step state
     state: TrainState = field(default_factory=TrainState)
     skipped_samples: int = 0
@@ -159,8 +163,12 @@ def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) ->
     assets = run_dir / "model_assets"
     if resuming and (assets / SPEC_FILE).is_file():
         # The checkpoint holds every weight: rebuild the architecture without fetching pretrained weights again.
-        return rebuild_from(assets / SPEC_FILE, assets)
+        # The saved spec has the input size; drop path, a training-only setting, is not saved and is set again.
+        model = rebuild_from(assets / SPEC_FILE, assets)
+        _model_options(cfg, model, resize=False)
+        return model
     model = load_any(cfg.model.init) if cfg.model.init else build_model(cfg.model)
+    _model_options(cfg, model, resize=True)
     model = wrap(model, cfg.finetune)
     prepare = OBJECTIVES[cfg.loss.name].prepare
     if prepare is not None:
@@ -172,6 +180,19 @@ def _build_model(cfg: RunConfig, run_dir: Path, resuming: bool, where: World) ->
     return model
 
 
+def _model_options(cfg: RunConfig, model: ClipModel, resize: bool) -> None:
+    """model.image_size and model.drop_path, through the backend's hooks; unsupported ones are config errors."""
+    try:
+        if resize and cfg.model.image_size is not None:
+            model.set_image_size(cfg.model.image_size)
+            log.info("image input size: %d px (position embeddings interpolated)", cfg.model.image_size)
+        if cfg.model.drop_path > 0:
+            blocks = model.set_drop_path(cfg.model.drop_path)
+            log.info("drop path up to %.3f over %d image-tower blocks", cfg.model.drop_path, blocks)
+    except NotImplementedError as e:
+        raise ConfigError(str(e)) from None
+
+
 def _prepare_model(cfg: RunConfig, resuming: bool, where: World) -> tuple[ClipModel, list[Tower]]:
     """Build, lock and adapt the model; a fresh run also records its starting weights for WiSE-FT."""
     model = _build_model(cfg, cfg.run_dir, resuming, where)
@@ -180,6 +201,9 @@ def _prepare_model(cfg: RunConfig, resuming: bool, where: World) -> tuple[ClipMo
     if not OBJECTIVES[cfg.loss.name].uses_text:  # FT-CLIP trains the image tower and the head only
         for param in model.tower_parameters("text").values():
             param.requires_grad_(False)
+        # nor the image-text temperature (FT-CLIP's head has its own fixed scale): an unused trainable parameter
+        # would stall DDP's gradient reduction
+        model.logit_scale.requires_grad_(False)
     if not resuming and where.main:
         adapted = adapted_towers(model, cfg.finetune)
         save_initial_state(changing_state(model, adapted), cfg.run_dir / INITIAL_FILE)
@@ -215,7 +239,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         dataset = train_dataset(cfg, train_table, model, encoding, labels, objective)
     optimizer = build_optimizer(model, cfg.optim, dict(objective.named_parameters()))
     steps = steps_per_epoch(cfg, dataset, where)
-    scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs, steps)
     skipped = _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where) if checkpoint else 0
     module = TrainModule(model, objective, locked, encoding.cached)
     return Trainer(
@@ -236,9 +260,26 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         forward=_forward(cfg, module, device, where),
         where=where,
         ema=ema,
+        mixup=_mixup(cfg, model, where),
         state=state,
         skipped_samples=skipped,
     )
+
+
+def _mixup(cfg: RunConfig, model: ClipModel, where: World) -> PairMixup | None:
+    """timm's Mixup / CutMix over the class head's classes (`config.check_training` allows it where the objective
+    takes soft class targets)."""
+    if not cfg.data.mixup.active:
+        return None
+    if (cfg.train.batch_size // where.size) % 2:
+        raise ConfigError(
+            f"data.mixup: mixes pairs of samples, so each process's batch must be even; train.batch_size "
+            f"{cfg.train.batch_size} over {where.size} process(es) is not"
+        )
+    from cliptune.data.augment import PairMixup  # timm's data package: imported when mixing is on
+
+    classes = int(model.class_weights.shape[0])
+    return PairMixup(cfg.data.mixup, classes, cfg.loss.label_smoothing, cfg.runtime.seed)
 
 
 def _process(cfg: RunConfig) -> tuple[World, torch.device]:
@@ -256,6 +297,12 @@ def _check_objective(cfg: RunConfig, model: ClipModel, objective: Objective, loc
         raise ConfigError(
             f"loss.name {cfg.loss.name}: the objective trains the image tower only; unlock it (finetune.lock_image "
             "false)"
+        )
+    if cfg.data.augment is not None and "image" in _cacheable(cfg, locked, objective):
+        raise ConfigError(
+            "data.augment: the image tower is locked and its outputs are computed once (train.cache_locked), so no "
+            "augmented image would ever reach it; set train.cache_locked false (the tower then runs every step) or "
+            "remove data.augment"
         )
     if objective.needs_tokens:  # fail before training, not at the first step
         try:

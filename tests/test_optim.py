@@ -1,0 +1,72 @@
+"""optim.optimizer and optim.warmup_epochs: each optimizer takes the per-group lr and weight decay, SGD's first step
+is the hand-computed one, and warm-up in epochs is the same schedule as its count of steps."""
+
+import pytest
+import torch
+from torch import nn
+
+from cliptune.config import OptimConfig, build
+from cliptune.train.optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor, warmup_steps
+
+
+class Tiny(nn.Module):
+    """A stand-in model with the tower interface param_groups needs: everything is the image tower."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(4, 3)
+
+    def tower_of(self, name: str) -> str:
+        return "image"
+
+
+def _step(model: Tiny, optimizer: torch.optim.Optimizer) -> None:
+    optimizer.zero_grad()
+    model.proj(torch.ones(2, 4)).pow(2).sum().backward()
+    optimizer.step()
+
+
+def test_sgd_first_step_is_momentum_sgd_with_l2_on_weights_only():
+    model = Tiny()
+    cfg = OptimConfig(optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=0.01)
+    optimizer = build_optimizer(model, cfg)
+    assert isinstance(optimizer, torch.optim.SGD)
+    weight, bias = model.proj.weight.detach().clone(), model.proj.bias.detach().clone()
+    _step(model, optimizer)
+    out = torch.ones(2, 4) @ weight.T + bias
+    grad_w, grad_b = (2 * out).T @ torch.ones(2, 4), (2 * out).sum(0)
+    # first step: the momentum buffer is the gradient itself; decay is added to the weight's gradient, not the bias'
+    torch.testing.assert_close(model.proj.weight.detach(), weight - 0.1 * (grad_w + 0.01 * weight))
+    torch.testing.assert_close(model.proj.bias.detach(), bias - 0.1 * grad_b)
+
+
+@pytest.mark.parametrize("name", list(OPTIMIZERS))
+def test_every_optimizer_trains_with_the_groups_lr_and_decay(name):
+    model = Tiny()
+    optimizer = build_optimizer(model, OptimConfig(optimizer=name, lr=0.01, weight_decay=0.1))
+    before = model.proj.weight.detach().clone()
+    _step(model, optimizer)
+    assert not torch.equal(model.proj.weight, before)
+    decays = sorted(group["weight_decay"] for group in optimizer.param_groups)
+    assert decays == [0.0, 0.1] and all(group["lr"] == 0.01 for group in optimizer.param_groups)
+
+
+def test_warmup_in_epochs_is_the_same_schedule_as_its_steps():
+    cfg = OptimConfig(warmup_epochs=1.5, warmup_steps=99)
+    assert warmup_steps(cfg, steps_per_epoch=10) == 15 and warmup_steps(OptimConfig(), 10) == 10
+    model = Tiny()
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, total_steps=40, steps_per_epoch=10)
+    factors = []
+    for _ in range(40):
+        factors.append(scheduler.get_last_lr()[0] / cfg.lr)
+        optimizer.step()
+        scheduler.step()
+    assert factors == pytest.approx([lr_factor(s, 15, 40, "cosine") for s in range(40)])
+    assert factors[14] == pytest.approx(1.0) and factors[13] < 1.0
+
+
+def test_warmup_epochs_must_not_be_negative():
+    with pytest.raises(ValueError, match=r"optim.warmup_epochs"):
+        build({"optim": {"warmup_epochs": -1}})
