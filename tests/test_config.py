@@ -109,3 +109,41 @@ def test_preset_keys_given_by_the_user_win():
 def test_every_shipped_config_validates(path):
     cfg = config.load(path)
     assert cfg.name
+
+
+# The FT-CLIP seed's scripts (seed 002): arch, input size, global batch, lr, warm-up and total epochs, layer decay.
+FTCLIP_SCRIPTS = {
+    "ftclip_vitb16_in1k.yaml": ("ViT-B-16", None, 2048, 6e-4, 10, 50, 0.6),
+    "ftclip_vitb16_in1k_384.yaml": ("ViT-B-16", 384, 2048, 7e-4, 10, 50, 0.6),
+    "ftclip_vitl14_in1k.yaml": ("ViT-L-14", None, 2048, 4e-4, 5, 30, 0.65),
+}
+
+
+@pytest.mark.parametrize("name", list(FTCLIP_SCRIPTS))
+def test_ftclip_recipes_carry_the_seeds_hyper_parameters(name):
+    cfg = config.load(ROOT / "configs" / name)
+    arch, size, batch, lr, warmup, epochs, decay = FTCLIP_SCRIPTS[name]
+    assert (cfg.model.arch, cfg.model.pretrained, cfg.model.image_size, cfg.model.drop_path) == (
+        arch,
+        "openai",
+        size,
+        0,
+    )
+    assert (cfg.train.batch_size, cfg.optim.lr, cfg.optim.warmup_epochs, cfg.train.epochs) == (
+        batch,
+        lr,
+        warmup,
+        epochs,
+    )
+    assert (cfg.optim.layer_decay_image, cfg.optim.weight_decay, cfg.finetune.ema_decay) == (decay, 0.05, 0.9998)
+    assert (cfg.loss.name, cfg.loss.label_smoothing, cfg.optim.grad_clip, cfg.optim.eps) == ("ce", 0.1, None, 1e-8)
+    augment = cfg.data.augment
+    assert (augment.auto_augment, augment.re_prob, augment.re_mode, augment.scale) == (
+        "rand-m9-mstd0.5-inc1",
+        0.25,
+        "pixel",
+        [0.08, 1.0],
+    )
+    assert not cfg.data.mixup.active and cfg.data.labelled.path == "data/imagenet/train"
+    text = (ROOT / "configs" / name).read_text()
+    assert "Published top-1" in text and "differs from the seed" in text
