@@ -198,6 +198,11 @@ def test_an_odd_sample_keeps_its_own_smoothed_label():
 
 @pytest.mark.parametrize("loss", ["clip", "siglip", "unicl", "negclip", "fsc"])
 def test_mixup_is_refused_for_objectives_without_class_labels(loss):
-    with pytest.raises(ConfigError, match=f"data.mixup: .*loss.name '{loss}'"):
-        cliptune.config.build({"loss": {"name": loss}, "data": {"mixup": {"cutmix_alpha": 1.0}}})
-    cliptune.config.build({"loss": {"name": "ce"}, "data": {"mixup": {"cutmix_alpha": 1.0}}})
+    mixup = {"mixup": {"cutmix_alpha": 1.0}}
+    with pytest.raises(ConfigError, match=rf"data.mixup: .*loss.name '{loss}'"):
+        cliptune.config.check_training(
+            cliptune.config.build({"loss": {"name": loss}, "data": {"train": "t.csv", **mixup}})
+        )
+    cliptune.config.check_training(
+        cliptune.config.build({"loss": {"name": "ce"}, "data": {"labelled": {"path": "d"}, **mixup}})
+    )

@@ -6,11 +6,12 @@ import torch
 from torch import nn
 
 from cliptune.config import OptimConfig, build
+from cliptune.models.base import ClipModel
 from cliptune.train.optim import OPTIMIZERS, build_optimizer, build_scheduler, lr_factor, warmup_steps
 
 
-class Tiny(nn.Module):
-    """A stand-in model with the tower interface param_groups needs: everything is the image tower."""
+class Tiny(ClipModel):
+    """A stand-in model: one linear layer, all of it the image tower."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -19,6 +20,9 @@ class Tiny(nn.Module):
 
     def tower_of(self, name: str) -> str:
         return "image"
+
+    def tower_modules(self, tower: str) -> list[nn.Module]:
+        return [self.proj] if tower == "image" else []
 
 
 def _step(model: Tiny, optimizer: torch.optim.Optimizer) -> None:
