@@ -736,6 +736,7 @@ _APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "data.shard_resample": ("data.shards", ()),
     "data.shuffle_buffer": ("data.shards", ()),
     "data.shard_caption_key": ("data.shards", ()),
+    "optim.momentum": ("optim.optimizer", ("sgd",)),
 }
 
 
