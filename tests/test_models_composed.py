@@ -331,3 +331,22 @@ def test_lite0_minilm_preset(tmp_path: Path) -> None:
     with torch.no_grad():
         assert torch.equal(loaded.encode_image(x), img)
         assert torch.equal(loaded.encode_text(tokens), txt)
+
+
+def test_text_runs_over_the_longest_caption_only_with_identical_output(model: ComposedClip) -> None:
+    tower = model.text_tower
+    captions = ["a dog", "a big blue circle on the green triangle"]
+    tokens = tower.tokenize(captions)
+    calls: list[int] = []
+    hook = tower.model.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[1]), with_kwargs=True
+    )
+    with torch.no_grad():
+        ours = tower(tokens)
+    hook.remove()
+    mask = tokens != tower.pad_id
+    with torch.no_grad():  # the whole fixed length, as the tower ran before
+        hidden = tower.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
+    full = towers.POOLING[tower.pooling](hidden, mask)
+    assert calls == [int(mask.sum(1).max())] and tokens.shape[1] > calls[0]
+    torch.testing.assert_close(ours, full, atol=1e-6, rtol=0)

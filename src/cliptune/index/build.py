@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import shutil
 import time
 from collections.abc import Iterator, Sequence
@@ -25,7 +24,7 @@ from tqdm import tqdm
 
 from cliptune.data import DataError
 from cliptune.data.images import log_skipped, to_rgb
-from cliptune.eval.encode import model_device
+from cliptune.eval.encode import channels_last, default_workers, model_device
 from cliptune.index import ann, store
 from cliptune.index.sources import Item, Source, file_key, open_item, read_source
 from cliptune.models import ClipModel
@@ -83,11 +82,6 @@ def _collate(batch: list[tuple]) -> tuple[list[int], torch.Tensor | None, list[t
     return [b[0] for b in ok], pixels, [(b[2], b[3]) for b in ok], failed
 
 
-def default_workers(count: int, batch_size: int) -> int:
-    """Decode in worker processes while the main one encodes, unless there is too little to pay their start-up."""
-    return 0 if count <= 2 * batch_size else min(4, os.cpu_count() or 1)
-
-
 def encode_chunks(
     model: ClipModel,
     todo: Sequence[Item],
@@ -109,12 +103,13 @@ def encode_chunks(
     failed: list[str] = []
     pending: list[tuple[list[int], list[tuple[int, int]], np.ndarray]] = []
     device = model_device(model)
-    with tqdm(total=len(todo), unit="img", desc="indexing images", smoothing=0.1) as bar:
+    bar = tqdm(total=len(todo), unit="img", desc="indexing images", smoothing=0.1)
+    with bar, channels_last(model, images=True) as layout:
         for ids, pixels, sizes, bad in loader:
             failed += [todo[i].path for i in bad]
             if pixels is not None:
                 with torch.no_grad(), autocast(device, precision):
-                    emb = model.encode_image(pixels.to(device)).float()
+                    emb = model.encode_image(pixels.to(device, memory_format=layout)).float()
                 pending.append((ids, sizes, torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()))
             if sum(len(p[0]) for p in pending) >= chunk_size:
                 _write_chunk(out, todo, pending)

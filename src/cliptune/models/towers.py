@@ -102,9 +102,26 @@ class TextTower(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # The mask is rebuilt from the ids because only the ids travel through the data loader; an exported graph
         # takes the tokenizer's own `attention_mask` instead.
+        if mask is None and not _tracing():
+            tokens, mask = _trim_padding(tokens, tokens != self.pad_id)
         mask = tokens != self.pad_id if mask is None else mask.bool()
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
         return POOLING[self.pooling](hidden, mask)
+
+
+def _tracing() -> bool:
+    """Compiling or exporting: a data-dependent length would recompile per batch, or be frozen into the graph."""
+    return torch.compiler.is_compiling() or torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()
+
+
+def _trim_padding(tokens: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The columns up to the batch's last real token.
+
+    Masked padding receives no attention and is left out of the pooling, and positions keep their ids, so the
+    columns after the last real token change nothing but the cost (10-word captions fill about 15 of 64 positions).
+    """
+    used = int(mask.any(0).nonzero().max()) + 1 if mask.any() else tokens.shape[1]
+    return tokens[:, :used], mask[:, :used]
 
 
 def _mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
