@@ -1,11 +1,11 @@
 """The faiss index over an index's embeddings: exact inner product while that stays fast, IVF above it.
 
-Choice (autofaiss-style, by size): up to `EXACT_MAX` vectors a flat inner-product scan (exact, about 10 ms per
-query at 100k x 512 on one core); above it an inverted-file index (`IVF{nlist},Flat`, nlist ~ 4 sqrt(N)) whose
-`nprobe` is raised until recall@10 against the exact scan, measured on held-out queries, reaches `TARGET_RECALL`.
-IVF rather than HNSW: it keeps memory at the vectors themselves (HNSW adds its link lists per vector), trains in
-seconds on a sample, and `--add` appends to it without a rebuild of the graph. The measured recall is stored with
-the index so a reader knows what it gets.
+Choice (autofaiss-style, by size): up to `EXACT_MAX` vectors a flat inner-product scan (exact; query latencies by
+size are in benchmarks/RESULTS.md, `benchmarks/search.py`); above it an inverted-file index (`IVF{nlist},Flat`,
+nlist ~ sqrt(N)) whose `nprobe` is raised until recall@10 against the exact scan, measured on held-out queries,
+reaches `TARGET_RECALL`. IVF rather than HNSW: it keeps memory at the vectors themselves (HNSW adds its link lists
+per vector) and trains in seconds on a sample. The measured recall is stored with the index so a reader knows what
+it gets.
 """
 
 from __future__ import annotations
@@ -47,9 +47,11 @@ def build(vectors: np.ndarray, exact_max: int = EXACT_MAX, seed: int = 0) -> tup
         return index, AnnInfo(kind="Flat")
     rng = np.random.default_rng(seed)
     held_out = rng.choice(n, size=min(HELD_OUT, n // 10), replace=False)
-    nlist = int(min(4 * math.sqrt(n), n // 39))  # faiss wants >= 39 training points per list
+    # sqrt(N) lists keep both the k-means training (on 50 points per list) and a query's scan short; faiss wants
+    # at least 39 training points per list
+    nlist = max(1, int(min(math.sqrt(n), n // 50)))
     index = faiss.index_factory(dim, f"IVF{nlist},Flat", faiss.METRIC_INNER_PRODUCT)
-    train = np.setdiff1d(rng.choice(n, size=min(n, 64 * nlist), replace=False), held_out)
+    train = np.setdiff1d(rng.choice(n, size=min(n, 50 * nlist), replace=False), held_out)
     index.train(vectors[train])
     index.add(vectors)
     index.nprobe, recall = tune_nprobe(index, vectors, held_out)

@@ -60,7 +60,7 @@ class _Images(Dataset):
     """(pixels, width, height) per item, or None for an image that cannot be read (skipped and named)."""
 
     def __init__(self, items: Sequence[Item], roots: list[Path], transform: Any) -> None:
-        self.items, self.roots, self.transform = list(items), roots, transform
+        self.items, self.roots, self.transform = list(items), frozenset(roots), transform
 
     def __len__(self) -> int:
         return len(self.items)

@@ -39,7 +39,9 @@ class Hit:
 def _model_name(model: ModelArg) -> str:
     if isinstance(model, (str, Path)) and Path(model).expanduser().is_dir():
         return str(Path(model).expanduser().resolve())  # so the index can load it again from anywhere
-    return str(model) if isinstance(model, (str, Path)) else type(model).__name__
+    if isinstance(model, (str, Path)):
+        return str(model)
+    return f"an in-memory {type(model).__name__} (save it and build from its folder to query without it)"
 
 
 class Index:
@@ -47,7 +49,7 @@ class Index:
 
     def __init__(self, folder: Path, info: dict[str, Any], meta: dict[str, list], vectors: Any) -> None:
         self.folder, self.info, self.meta, self.vectors = folder, info, meta, vectors
-        self.roots = [Path(r) for r in info["roots"]]
+        self.roots = frozenset(Path(r) for r in info["roots"])
         self._encoder: Encoder | None = None
         self._lock = threading.Lock()  # one forward pass at a time: torch modules are not re-entrant
         self._ids = {path: i for i, path in enumerate(meta["path"])}

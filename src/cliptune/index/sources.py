@@ -11,6 +11,7 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -48,16 +49,21 @@ class Source:
     skipped: list[str] = field(default_factory=list)
 
 
-def inside(path: str | Path, roots: list[Path]) -> bool:
-    """True if `path`, with links resolved, lies inside one of `roots`."""
-    resolved = Path(path).resolve()
-    return any(resolved.is_relative_to(root.resolve()) for root in roots)
+def inside(path: str | Path, roots: Collection[Path]) -> bool:
+    """True if `path`, with links resolved, lies inside one of `roots` (resolved folders; pass a set when many)."""
+    allowed = roots if isinstance(roots, (set, frozenset)) else set(roots)
+    return any(parent in allowed for parent in Path(path).resolve().parents)
 
 
-def open_item(item: Item, roots: list[Path]) -> Image.Image:
+def covering(folders: set[Path]) -> list[Path]:
+    """The fewest folders that hold all of `folders`: those with no other one above them."""
+    return sorted(f for f in folders if not any(parent in folders for parent in f.parents))
+
+
+def open_item(item: Item, roots: Collection[Path]) -> Image.Image:
     """The item's image, opened lazily (call `.load()` after checking its size); only files inside `roots`."""
     if not inside(item.file, roots):
-        raise DataError(f"{item.file}: outside the index's image folders {[str(r) for r in roots]}; not read")
+        raise DataError(f"{item.file}: outside the folders this index was built from; not read")
     if item.offset < 0:
         return Image.open(item.file)
     with open(item.file, "rb") as f:
@@ -73,7 +79,7 @@ def read_source(source: str | Path) -> Source:
     if path.is_dir() and (path / MANIFEST).is_file():
         return _shards(path, sorted(path.glob("*.tar")))
     if path.is_dir():
-        return _with_stat(path, [(p, ()) for p in image_files(path)], [path])
+        return _with_stat(path, [(p, ()) for p in image_files(path)])
     if path.suffix == ".tar" or (".tar" in text and "{" in text):
         import webdataset as wds  # expands brace patterns the way `cliptune shards` readers do
 
@@ -86,10 +92,9 @@ def read_source(source: str | Path) -> Source:
         )
     if path.suffix.lower() in TABLE_SUFFIXES:
         table = read_caption_table(TableSpec(path=str(path)), check_images=False)
-        root = path.parent
-        return _with_stat(path, [(p, tuple(c)) for p, c in zip(table.images, table.captions)], [root])
+        return _with_stat(path, [(p, tuple(c)) for p, c in zip(table.images, table.captions)])
     if path.suffix.lower() in LIST_SUFFIXES:
-        return _with_stat(path, [(p, ()) for p in _list_file(path)], [path.parent])
+        return _with_stat(path, [(p, ()) for p in _list_file(path)])
     raise DataError(
         f"{path}: unsupported source {path.suffix!r}; use a folder, a caption table ({', '.join(TABLE_SUFFIXES)}), "
         f"a list file ({', '.join(LIST_SUFFIXES)}), or tar shards (.tar, a brace pattern, or a folder with {MANIFEST})"
@@ -104,25 +109,25 @@ def _list_file(path: Path) -> list[Path]:
     return [p if p.is_absolute() else path.parent / p for p in map(Path, entries)]
 
 
-def _with_stat(source: Path, entries: list[tuple[Path, tuple[str, ...]]], roots: list[Path]) -> Source:
-    """Items for image files, stat'ed; files that are missing or outside `roots` are skipped, counted and named."""
-    items, skipped = [], []
-    roots = [Path(absolute(r)) for r in roots]
+def _with_stat(source: Path, entries: list[tuple[Path, tuple[str, ...]]]) -> Source:
+    """Items for image files, stat'ed; missing files are skipped, counted and named.
+
+    The index records the folders its files are in (links resolved); nothing outside them is ever read through it.
+    """
+    items, skipped, folders = [], [], set()
     # absolute paths: a resumed or `--add` build run from another folder must see the same items
-    for file, captions in {Path(absolute(p)): c for p, c in entries}.items():  # one item per file, first captions kept
-        if not inside(file, roots):
-            skipped.append(f"{file} (outside {roots[0]}; only images under the source's folder are indexed)")
-            continue
+    for file, captions in {Path(absolute(p)): c for p, c in entries}.items():
         try:
             stat = file.stat()
         except OSError:
             skipped.append(f"{file} (does not exist)")
             continue
         items.append(Item(str(file), file, captions, size=stat.st_size, mtime_ns=stat.st_mtime_ns))
+        folders.add(file.resolve().parent)
     if not items:
         raise DataError(f"{source}: none of its {len(entries)} images can be indexed; first: {skipped[0]}")
     log_skipped(source, skipped, len(entries))
-    return Source(items, roots, skipped)
+    return Source(items, covering(folders), skipped)
 
 
 def _shards(root: Path, shards: list[Path]) -> Source:
@@ -135,7 +140,7 @@ def _shards(root: Path, shards: list[Path]) -> Source:
         items += _shard_items(shard)
     if not items:
         raise DataError(f"{root}: the shards hold no images ({' '.join(sorted(IMAGE_SUFFIXES))})")
-    return Source(items, sorted({Path(absolute(s.parent)) for s in shards}))
+    return Source(items, covering({s.resolve().parent for s in shards}))
 
 
 def _shard_items(shard: Path) -> list[Item]:

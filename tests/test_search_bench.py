@@ -1,0 +1,27 @@
+"""benchmarks/search.py at a tiny scale: the build and faiss sections run and report what they measured."""
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from cliptune.data.synthetic import make_shapes
+
+_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
+
+
+@pytest.mark.slow
+def test_search_benchmark_runs_small(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("bench_search", _PATH)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    make_shapes(tmp_path, n_train=8, n_val=8, image_size=32)
+    args = ["--data", str(tmp_path), "--model", "cliptune-tiny-vit", "--images", "8", "--sizes", "3000"]
+    assert bench.main([*args, "--queries", "20", "--sections", "build", "ann", "--no-write"]) == 0
+    out = capsys.readouterr().out
+    assert "## search-build" in out and "## search-ann" in out
+    assert "| 3,000 | exact (Flat) |" in out and "| 3,000 | IVF" in out
+    recall = float(out.split("| 3,000 | IVF")[1].split("|")[4])
+    assert recall >= 0.9  # measured against the exact scan on fresh queries
