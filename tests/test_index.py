@@ -214,3 +214,15 @@ def test_images_outside_roots_are_not_read(models, images, tmp_path):
     with pytest.raises(DataError, match="outside"):
         Index.open(tmp_path / "idx").open_image(0)
     assert len(idx) == 150
+
+
+def test_bad_sources_are_named(models, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    for source, says in (("empty", "no image files"), ("nothing.csv", "does not exist"), ("notes.md", "unsupported")):
+        (tmp_path / "notes.md").write_text("x")
+        args = ["index", "--model", str(models[0]), "--images", str(tmp_path / source), "--out", str(tmp_path / "i")]
+        assert main(args) == 2
+        assert says in capsys.readouterr().err
+    assert not (tmp_path / "i").exists()  # nothing written before the source was read
+    assert main(["search", "--index", str(tmp_path / "i"), "--text", "a"]) == 2
+    assert "not a finished index" in capsys.readouterr().err

@@ -256,7 +256,7 @@ def _search_commands(sub: argparse._SubParsersAction) -> None:
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--workers", type=int, default=None, help="image decoding processes (default: up to 4)")
     index.add_argument("--add", action="store_true", help="update: encode new and changed images, drop deleted")
-    index.set_defaults(func=_index)
+    index.set_defaults(func=_index, on_interrupt="run the same command again to continue where it stopped")
     search = sub.add_parser("search", help="the images of an index nearest to a text or an image")
     search.add_argument("--index", required=True, help="index folder written by `cliptune index`")
     query = search.add_mutually_exclusive_group(required=True)
@@ -288,10 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"cliptune: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(
-            "cliptune: interrupted; `cliptune train CONFIG --resume` continues from the last checkpoint",
-            file=sys.stderr,
-        )
+        how = getattr(args, "on_interrupt", "`cliptune train CONFIG --resume` continues from the last checkpoint")
+        print(f"cliptune: interrupted; {how}", file=sys.stderr)
         return 130
 
 

@@ -211,8 +211,8 @@ def build_index(
     """Build, continue or (`add`) update the index at `out` over `images`; returns index.json's content."""
     out = Path(out).expanduser()
     identity = model_identity(model, model_name)
-    _start(out, identity, add)
     source = read_source(images)
+    _start(out, identity, add)
     done = _done_keys(out)
     todo = [item for item in source.items if file_key(item) not in done]
     logger.info(

@@ -114,6 +114,8 @@ def _with_stat(source: Path, entries: list[tuple[Path, tuple[str, ...]]]) -> Sou
 
     The index records the folders its files are in (links resolved); nothing outside them is ever read through it.
     """
+    if not entries:
+        raise DataError(f"{source}: no image files ({' '.join(sorted(IMAGE_SUFFIXES))}) found")
     items, skipped, folders = [], [], set()
     # absolute paths: a resumed or `--add` build run from another folder must see the same items
     for file, captions in {Path(absolute(p)): c for p, c in entries}.items():
