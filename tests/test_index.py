@@ -226,3 +226,7 @@ def test_bad_sources_are_named(models, tmp_path, capsys):
     assert not (tmp_path / "i").exists()  # nothing written before the source was read
     assert main(["search", "--index", str(tmp_path / "i"), "--text", "a"]) == 2
     assert "not a finished index" in capsys.readouterr().err
+    (tmp_path / "i").mkdir()
+    (tmp_path / "i" / build.INFO).write_text('{"format": 1, "count": 3}')
+    assert main(["search", "--index", str(tmp_path / "i"), "--text", "a"]) == 2
+    assert "missing model, dim, roots, ann" in capsys.readouterr().err

@@ -37,6 +37,24 @@ INFO, BUILDING, ITEMS, VECTORS, CHUNKS = "index.json", "building.json", "items.p
 FORMAT = 1
 
 
+def read_json(path: Path, needs: tuple[str, ...]) -> dict[str, Any]:
+    """index.json or building.json, checked: a damaged file is named, never a KeyError."""
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise DataError(f"{path}: cannot be read as JSON ({e}); rebuild the index into a new folder") from e
+    missing = [key for key in needs if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise DataError(f"{path}: missing {', '.join(missing)}; it was not written by `cliptune index`, or damaged")
+    if data.get("format", FORMAT) != FORMAT:
+        raise DataError(f"{path}: index format {data['format']}, this cliptune reads {FORMAT}; rebuild the index")
+    return data
+
+
+def read_info(folder: Path) -> dict[str, Any]:
+    return read_json(folder / INFO, ("format", "model", "count", "dim", "roots", "ann"))
+
+
 def model_identity(model: ClipModel, name: str) -> dict[str, Any]:
     """What a query must match: the model's architecture spec and a digest of every weight and buffer."""
     digest = hashlib.sha1(json.dumps(model.spec(), sort_keys=True, default=str).encode())
@@ -163,11 +181,11 @@ def _start(out: Path, identity: dict[str, Any], add: bool) -> None:
                 f"{out}: an index is already there; pass --add to update it with new, changed and deleted images, "
                 "or choose another --out"
             )
-        check_model(json.loads((out / INFO).read_text())["model"], identity, out)
+        check_model(read_info(out)["model"], identity, out)
     elif out.exists() and not (out / BUILDING).is_file() and any(out.iterdir()):
         raise DataError(f"{out}: exists and is not an index; choose an empty or new folder for --out")
     if (out / BUILDING).is_file():
-        check_model(json.loads((out / BUILDING).read_text())["model"], identity, out / BUILDING)
+        check_model(read_json(out / BUILDING, ("model",))["model"], identity, out / BUILDING)
     out.mkdir(parents=True, exist_ok=True)
     with atomic_write(out / BUILDING) as tmp:
         tmp.write_text(json.dumps({"model": identity}, indent=2))

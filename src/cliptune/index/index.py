@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import threading
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -66,7 +65,7 @@ class Index:
                 else "build one with `cliptune index --model M --images SOURCE --out INDEX`"
             )
             raise DataError(f"{folder}: not a finished index (no {build.INFO}); {hint}")
-        info = json.loads(info_path.read_text())
+        info = build.read_info(folder)
         table = store.read(folder / build.ITEMS, columns=store.META_COLUMNS)
         vectors = ann.read(folder / build.VECTORS, info["ann"].get("nprobe", 0))
         if not (table.num_rows == vectors.ntotal == info["count"]):
