@@ -167,6 +167,9 @@ def encoding_section(model_spec: str, images: list[Path], captions: list[str], b
         "|---|---:|---:|",
         *text_rows(model, captions, batch * 4),
         *image_rows(model, images, batch),
+        "",
+        "Trimming, sorting and channels-last are on by default (differences at float rounding). bf16 stays opt-in "
+        "(`runtime.precision: bf16`): its embeddings differ by the amount above, which is not float rounding.",
     ]
     return "\n".join(lines)
 
