@@ -102,7 +102,9 @@ class TextTower(nn.Module):
     def forward(self, tokens: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         # The mask is rebuilt from the ids because only the ids travel through the data loader; an exported graph
         # takes the tokenizer's own `attention_mask` instead.
-        if mask is None and not _tracing():
+        if mask is None and not self.training and not _tracing():
+            # Inference only: in training, dropout's random draws depend on the length, so trimming would change
+            # the run (same distribution, different numbers), and a training step's text is a small share anyway.
             tokens, mask = _trim_padding(tokens, tokens != self.pad_id)
         mask = tokens != self.pad_id if mask is None else mask.bool()
         hidden = self.model(input_ids=tokens, attention_mask=mask.long()).last_hidden_state
