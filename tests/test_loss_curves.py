@@ -20,6 +20,7 @@ import torch
 
 import cliptune
 from cliptune.data.synthetic import SHAPES
+from cliptune.train.logging import step_losses
 from tests.helpers import save_tiny_siglip, tiny_config
 
 STORED = Path(__file__).with_name("loss_curves.json")
@@ -81,7 +82,7 @@ def _config(case: dict, shapes: Path, out: Path, labels: Path, bert_dir: Path) -
 
 
 def _losses(run_dir: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run_dir / "train.jsonl").read_text().splitlines()][:STEPS]
+    return step_losses(run_dir)[:STEPS]
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

@@ -123,8 +123,10 @@ def test_interrupted_and_resumed_run_equals_an_uninterrupted_one(shapes, tmp_pat
     a, b = _weights(whole["run_dir"]), _weights(resumed["run_dir"])
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert resumed["run"]["steps"] == whole["run"]["steps"]
-    steps = [json.loads(line)["step"] for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (run_dir / "train.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in records if "loss" in r]
     assert steps == sorted(set(steps)), "replayed steps were logged twice"
+    assert [r["epoch"] for r in records if "epoch_mean_loss" in r] == [1, 2, 3]
 
 
 @pytest.mark.slow

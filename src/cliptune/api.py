@@ -63,7 +63,7 @@ def finetune(
     from cliptune.train.loop import fit
     from cliptune.train.setup import build_trainer
 
-    _console_logging()
+    console_logging()
     cfg = resolve_config(config, overrides, **kwargs)
     with owned_run(cfg.run_dir):
         trainer = build_trainer(cfg, resume=resume)
@@ -117,7 +117,7 @@ def evaluate(
     return evaluate_zeroshot(encoding, read_classification(spec), spec.templates)
 
 
-def _console_logging() -> None:
+def console_logging() -> None:
     logger = logging.getLogger("cliptune")
     if not logger.handlers:
         handler = logging.StreamHandler()

@@ -175,6 +175,23 @@ def _serve(args: argparse.Namespace) -> int:
     return serve(args)
 
 
+def _runs(args: argparse.Namespace) -> int:
+    from cliptune.train.runs import compare, runs_table
+
+    folder = Path(args.folder)
+    print(compare(folder, args.compare, args.md) if args.compare else runs_table(folder, args.md))
+    return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from cliptune.train.sweep import run_sweep
+
+    best = run_sweep(args.config, args.space, trials=args.trials, timeout_min=args.timeout, overrides=args.overrides)
+    print(f"best trial {best['number']}: {best['value']:.4g} ({best['metric']}); sweep folder {best['folder']}")
+    print(f"  sweep.md, sweep.csv, one PNG per parameter; reproduce it: cliptune train {best['folder']}/best.yaml")
+    return 0
+
+
 def _config(args: argparse.Namespace) -> int:
     from cliptune.config import markdown_table
 
@@ -221,6 +238,20 @@ def _parser() -> argparse.ArgumentParser:
             source.add_argument("--texts", help="text file with one text per line")
             cmd.add_argument("--out", required=True, help="output .npy file")
 
+    runs = sub.add_parser("runs", help="a table of the runs in an output folder, or --compare some of them")
+    runs.add_argument("folder", nargs="?", default="runs", help="output folder (runtime.output_dir; default: runs)")
+    runs.add_argument("--compare", nargs="+", metavar="RUN", default=None, help="run names or folders side by side")
+    runs.add_argument("--md", action="store_true", help="Markdown tables")
+    runs.set_defaults(func=_runs)
+    sweep = sub.add_parser("sweep", help="search hyperparameters with Optuna (TPE, median pruning, resumable)")
+    sweep.add_argument("config", help="YAML config of the runs to sweep over")
+    sweep.add_argument(
+        "--space", required=True, help="YAML: config key -> {log_uniform|uniform|int: [lo, hi]} or a list"
+    )
+    sweep.add_argument("--trials", type=int, default=20, help="trials to finish in this sweep (counting earlier ones)")
+    sweep.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many minutes")
+    sweep.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every trial")
+    sweep.set_defaults(func=_sweep)
     sub.add_parser("models", help="list model architectures and pretrained tags").set_defaults(func=_models)
     sub.add_parser("config", help="every config key with its type, default and meaning").set_defaults(func=_config)
     export = sub.add_parser("export", help="write a model for cliptune, open_clip, transformers or onnxruntime")

@@ -26,6 +26,10 @@ class ConfigError(ValueError):
     """A config key or value a user got wrong; the message names the key, the value and what is allowed."""
 
 
+# The name of the validation set cut from the training table by data.validation_split.
+VALIDATION_SPLIT = "validation"
+
+
 def _choice(default: str, *choices: str, doc: str = "") -> Any:
     return field(default=default, metadata={"choices": choices, "doc": doc})
 
@@ -271,6 +275,11 @@ class DataConfig:
         None, "training-image augmentation by timm's pipeline (a mapping, even {}); null: the model's own train crop"
     )
     mixup: MixupConfig = field(default_factory=MixupConfig)
+    validation_split: float = _doc(
+        0.0,
+        "fraction of the training table held back as the validation set `validation` (images sharing a caption "
+        "stay together, so its captions never occur in training); 0: none",
+    )
 
     def __post_init__(self) -> None:
         given = [k for k in ("train", "labelled", "shards") if getattr(self, k) is not None]
@@ -278,6 +287,10 @@ class DataConfig:
             raise ConfigError(f"data: set only one of data.train, data.labelled, data.shards (got {', '.join(given)})")
         if self.shard_resample and self.samples_per_epoch is None:
             raise ConfigError("data.shard_resample: resampled shards need data.samples_per_epoch")
+        if not 0.0 <= self.validation_split < 1.0:
+            raise ConfigError(f"data.validation_split: {self.validation_split!r} must be in [0, 1)")
+        if self.validation_split and self.train is None:
+            raise ConfigError("data.validation_split: only a caption table (data.train) can be split")
 
 
 @dataclass
@@ -291,6 +304,16 @@ class EvalConfig:
     wise_alphas: list[float] = _doc(
         doc="WiSE-FT: after training, evaluate (1-a)*initial + a*fine-tuned weights for each a",
         default_factory=list,
+    )
+    validation: list[TableSpec | ZeroShotSpec] = _doc(
+        doc="validation sets (caption tables or labelled images, read like `cliptune eval --data`): used for "
+        "train.select, early stopping and eval.wise_select, reported apart from the held-out sets above",
+        default_factory=list,
+    )
+    every_epochs: int | None = _doc(None, "evaluate every N epochs (null: every epoch, unless eval.every_steps is set)")
+    every_steps: int | None = _doc(None, "evaluate every N optimizer steps (null: at epoch ends only)")
+    wise_select: bool = _doc(
+        False, "WiSE-FT: model/ is the eval.wise_alphas interpolation that is best on the selection metric"
     )
 
 
@@ -365,13 +388,52 @@ class LossConfig:
 
 
 @dataclass
+class SelectConfig:
+    """Which evaluation picks the weights that become the run's model/ (best checkpoint)."""
+
+    metric: str | None = _doc(
+        None,
+        "SET/METRIC, e.g. validation/mean_recall (null: the first validation set, else the first retrieval set's "
+        "mean_recall or the first zero-shot set's acc1)",
+    )
+    mode: str = _choice("max", "max", "min", doc="whether larger or smaller values of the metric are better")
+
+    def __post_init__(self) -> None:
+        if self.metric is not None and self.metric.count("/") != 1:
+            raise ConfigError(f"train.select.metric: {self.metric!r} must look like SET/METRIC, e.g. val/mean_recall")
+
+
+@dataclass
+class EarlyStoppingConfig:
+    """Stop when the selection metric has not improved for `patience` evaluations in a row."""
+
+    patience: int = _doc(3, "evaluations without improvement before training stops")
+    min_delta: float = _doc(0.0, "smallest change of the selection metric that counts as an improvement")
+
+    def __post_init__(self) -> None:
+        if self.patience < 1 or self.min_delta < 0:
+            raise ConfigError(
+                f"train.early_stopping: patience {self.patience!r} must be >= 1 and min_delta {self.min_delta!r} >= 0"
+            )
+
+
+@dataclass
 class TrainConfig:
     epochs: int = _doc(3, "passes over the training table")
     batch_size: int = _doc(32, "contrastive batch size (images per step)")
     chunk_size: int | None = _doc(
         None, "largest piece of the batch that goes through the towers at once (GradCache); null: the whole batch"
     )
-    keep_checkpoints: int = _doc(2, "how many epoch checkpoints to keep (the newest)")
+    keep_checkpoints: int = _doc(
+        2, "how many resume checkpoints to keep (the newest); 0: none, so the run cannot be resumed"
+    )
+    checkpoint_every_steps: int | None = _doc(
+        None, "also write a resume checkpoint every N optimizer steps, mid-epoch included (null: at epoch ends only)"
+    )
+    select: SelectConfig = field(default_factory=SelectConfig)
+    early_stopping: EarlyStoppingConfig | None = _doc(
+        None, "stop on the selection metric (train.select); null: train every epoch"
+    )
     cache_locked: bool = _doc(
         True, "run each input through a locked tower once and reuse its output (that tower sees no augmentation)"
     )
@@ -441,11 +503,18 @@ class RunConfig:
 _POSITIVE = {
     ("train", "epochs"),
     ("train", "batch_size"),
-    ("train", "keep_checkpoints"),
     ("eval", "batch_size"),
     ("runtime", "log_every"),
 }
-_NON_NEGATIVE = {("optim", "lr"), ("optim", "weight_decay"), ("optim", "warmup_steps"), ("runtime", "workers")}
+_NON_NEGATIVE = {
+    ("optim", "lr"),
+    ("optim", "weight_decay"),
+    ("optim", "warmup_steps"),
+    ("runtime", "workers"),
+    ("train", "keep_checkpoints"),
+}
+# null or >= 1
+_EVERY = {("eval", "every_epochs"), ("eval", "every_steps"), ("train", "checkpoint_every_steps")}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -462,6 +531,8 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         args = typing.get_args(tp)
         if value is None and type(None) in args:
             return None
+        if set(args) == {TableSpec, ZeroShotSpec}:
+            return _coerce(value, _eval_set_kind(value), key)
         errors = []
         for arg in (a for a in args if a is not type(None)):
             try:
@@ -477,7 +548,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
-        if isinstance(value, str) and tp is TableSpec:
+        if isinstance(value, str) and tp in (TableSpec, ZeroShotSpec):
             value = {"path": value}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping of {tp.__name__} keys, got {value!r}")
@@ -513,6 +584,19 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return str(value)
         raise ConfigError(f"{key}: expected a string, got {value!r}")
     raise TypeError(f"unsupported config type {tp} at {key}")
+
+
+def _eval_set_kind(value: Any) -> type:
+    """A caption table or a labelled image set, decided as `cliptune eval --data` decides: a class folder, a `.txt`
+    list, or an entry with templates / classnames is labelled images; anything else is a caption table."""
+    if isinstance(value, (TableSpec, ZeroShotSpec)):
+        return type(value)
+    spec = {"path": value} if isinstance(value, str) else value
+    if not isinstance(spec, dict):
+        return TableSpec  # the table coercion names the problem
+    path = str(spec.get("path", ""))
+    labelled = "templates" in spec or "classnames" in spec or path.endswith(".txt") or Path(path).is_dir()
+    return ZeroShotSpec if labelled else TableSpec
 
 
 def _unknown_key(cls: type, key: str, prefix: str) -> ConfigError:
@@ -649,14 +733,27 @@ def _check_ranges(cfg: RunConfig) -> None:
         if not limit_ok:
             bound = "> 0" if (section, key) in _POSITIVE else ">= 0"
             raise ConfigError(f"{section}.{key}: {value!r} is not allowed; it must be {bound}")
+    for section, key in _EVERY:
+        value = getattr(getattr(cfg, section), key)
+        if value is not None and value < 1:
+            raise ConfigError(f"{section}.{key}: {value!r} must be >= 1, or null")
     if cfg.train.chunk_size is not None and cfg.train.chunk_size < 1:
         raise ConfigError(f"train.chunk_size: {cfg.train.chunk_size!r} must be >= 1, or null for the whole batch")
     if cfg.optim.grad_clip is not None and cfg.optim.grad_clip <= 0:
         raise ConfigError(f"optim.grad_clip: {cfg.optim.grad_clip!r} must be > 0, or null to disable clipping")
-    names = [s.name for s in (*cfg.eval.retrieval, *cfg.eval.zeroshot, *cfg.eval.compositionality)]
+    sets = (*cfg.eval.validation, *cfg.eval.retrieval, *cfg.eval.zeroshot, *cfg.eval.compositionality)
+    names = [s.name for s in sets]
+    names += [VALIDATION_SPLIT] if cfg.data.validation_split else []
     dupes = sorted({n for n in names if names.count(n) > 1})
     if dupes:
         raise ConfigError(f"eval: set name(s) {', '.join(dupes)} used twice; give each set a distinct `name`")
+    metric = cfg.train.select.metric
+    if metric is not None and metric.split("/")[0] not in names:
+        raise ConfigError(
+            f"train.select.metric: {metric!r} names no eval set; the sets are {', '.join(names) or '(none)'}"
+        )
+    if cfg.eval.wise_select and not cfg.eval.wise_alphas:
+        raise ConfigError("eval.wise_select: list the alphas to choose from in eval.wise_alphas, e.g. [0.5, 0.8, 1.0]")
     if any(not 0.0 <= a <= 1.0 for a in cfg.eval.wise_alphas):
         raise ConfigError(f"eval.wise_alphas: {cfg.eval.wise_alphas!r}: every alpha must be in [0, 1]")
     for key in ("layer_decay_image", "layer_decay_text"):

@@ -58,10 +58,11 @@ class EvalSuite:
     def __bool__(self) -> bool:
         return bool(self.retrieval or self.zeroshot or self.compositionality)
 
-    def run(self, encoding: Encoding) -> dict[str, dict[str, float]]:
+    def run(self, encoding: Encoding, loss_batch: int | None = None) -> dict[str, dict[str, float]]:
+        """Every set's metrics; with `loss_batch`, retrieval sets also report `loss` (see `validation_loss`)."""
         results = {}
         for table in self.retrieval:
-            results[table.name] = evaluate_retrieval(encoding, table)
+            results[table.name] = evaluate_retrieval(encoding, table, loss_batch)
         for data, templates in self.zeroshot:
             results[data.name] = evaluate_zeroshot(encoding, data, templates)
         if self.compositionality:

@@ -4,7 +4,10 @@ A checkpoint is a folder `checkpoints/epoch_N/` written in one rename:
 - `model.safetensors`: the model's weights;
 - `state.safetensors`: every other tensor an exact resume needs (optimizer moments, EMA shadow, RNG states, ...);
 - `state.json`: the rest (epoch, step, scheduler, hyper-parameters, Python/numpy RNG), tensors named by key.
-`checkpoints/latest` names the newest folder. Reading never unpickles (safetensors and JSON cannot run code) and never
+A mid-epoch checkpoint (train.checkpoint_every_steps) is `checkpoints/epoch_E_step_S/` (E whole epochs, S steps done).
+`checkpoints/latest` names the newest folder. `checkpoints/best/` holds the weights of the best evaluation
+(train.select): only the tensors training changes, beside `best.json` (where it was, its results); pruning never
+touches it. Reading never unpickles (safetensors and JSON cannot run code) and never
 follows `latest` or a link out of the run's `checkpoints/` folder.
 """
 
@@ -35,7 +38,8 @@ CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 WEIGHTS, STATE_JSON, STATE_TENSORS = "model.safetensors", "state.json", "state.safetensors"
 FORMAT = 2  # 1 was a pickled state.pt, refused on read
-_EPOCH_DIR = re.compile(r"^epoch_(\d+)$")
+BEST = "best"
+_EPOCH_DIR = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
 # JSON cannot say "tensor", "tuple" or "dict with int keys" (optimizer state is keyed by parameter index): tagged
 # objects do. Nested state with tensors is what torch.save pickles; safetensors holds flat tensors only, so this small
 # codec is what lets the two safe formats replace it.
@@ -48,10 +52,12 @@ class CheckpointError(ValueError):
 
 @dataclass
 class TrainState:
-    """Where training stands: the next epoch to run and the optimizer steps done so far."""
+    """Where training stands: whole epochs done, optimizer steps done, and loader batches done in the current epoch
+    (0 at an epoch boundary; a mid-epoch resume skips that many batches of the epoch's seeded order)."""
 
     epoch: int = 0
     step: int = 0
+    batch: int = 0
 
 
 def rng_state() -> dict[str, Any]:
@@ -174,18 +180,21 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
         "skipped_samples": trainer.skipped_samples,
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "objective": trainer.objective.state_dict(),
+        "selection": trainer.selection.state_dict() if trainer.selection is not None else None,
+        "epoch_loss": list(trainer.epoch_loss),
     }
 
 
 def save_checkpoint(trainer: Trainer) -> Path:
-    """Write `checkpoints/epoch_{epoch}` in one rename, point `latest` at it and prune the oldest."""
+    """Write the checkpoint of `trainer.state` in one rename, point `latest` at it and prune the oldest."""
     folder, state = checkpoint_folder(trainer.run_dir), trainer.state
-    target = folder / f"epoch_{state.epoch}"
+    target = folder / (f"epoch_{state.epoch}" if state.batch == 0 else f"epoch_{state.epoch}_step_{state.step}")
     with atomic_dir(target) as tmp:
         weights = state_for_saving(trainer.model)
         with writing(tmp / WEIGHTS, tensor_bytes(weights)):
             save_file(weights, str(tmp / WEIGHTS))
-        write_state(tmp, {"epoch": state.epoch, "step": state.step, "rng": rng_state(), **training_state(trainer)})
+        progress = {"epoch": state.epoch, "step": state.step, "batch": state.batch, "rng": rng_state()}
+        write_state(tmp, {**progress, **training_state(trainer)})
     with atomic_write(folder / LATEST) as tmp:
         tmp.write_text(target.name)
     for old in list_checkpoints(folder)[: -trainer.cfg.train.keep_checkpoints]:
@@ -201,7 +210,13 @@ def list_checkpoints(folder: Path) -> list[Path]:
     found = [p for p in folder.glob("epoch_*") if _EPOCH_DIR.match(p.name) and p.is_dir()]
     for path in found:
         inside(folder, path.name, f"{folder}: checkpoint {path.name}")
-    return sorted(found, key=lambda p: int(_EPOCH_DIR.match(p.name).group(1)))
+    return sorted(found, key=_order)
+
+
+def _order(path: Path) -> tuple[int, int]:
+    """(whole epochs, step): `epoch_2` sorts before `epoch_2_step_150`, which is in the third epoch."""
+    epoch, step = _EPOCH_DIR.match(path.name).groups()
+    return int(epoch), int(step or 0)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
@@ -229,12 +244,15 @@ def load_weights(path: Path, model: torch.nn.Module) -> None:
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[TrainState, dict[str, Any]]:
-    """Restore weights and RNG; return the train state and the rest for `restore_training` once it is built."""
+    """Restore weights; return the train state and the rest for `restore_training` once it is built.
+
+    The RNG state stays in the rest (under "rng"), not applied: setting a run up draws random numbers (data loaders
+    of cached towers), so the loop applies it where the saved run stood (`loop._epoch_iterator`).
+    """
     payload = read_state(path)
     load_weights(path, model)
     try:
-        set_rng_state(payload.pop("rng"))
-        state = TrainState(epoch=int(payload.pop("epoch")), step=int(payload.pop("step")))
+        state = TrainState(int(payload.pop("epoch")), int(payload.pop("step")), int(payload.pop("batch", 0)))
     except (TypeError, ValueError, KeyError, RuntimeError) as e:
         raise CheckpointError(f"{path / STATE_JSON}: damaged progress or RNG state ({e})") from None
     return state, payload
@@ -262,3 +280,27 @@ def restore_training(
             "own config.yaml or start a new `name`"
         ) from None
     return int(rest.get("skipped_samples", 0))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The best evaluation's weights
+
+
+def save_best(folder: Path, tensors: dict[str, torch.Tensor], record: dict[str, Any]) -> Path:
+    """Write `folder/best`: the evaluated weights training changed, and where they were evaluated (best.json)."""
+    target = folder / BEST
+    with atomic_dir(target) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / "best.json").write_text(json.dumps(record, indent=2))
+    return target
+
+
+def load_best(folder: Path, model: torch.nn.Module) -> dict[str, Any] | None:
+    """Load `folder/best`'s weights into `model` (the tensors it lacks are frozen, hence unchanged); its record."""
+    target = folder / BEST
+    if not (target / "best.json").is_file():
+        return None
+    foreign = model.load_state_dict(_read_tensors(target / WEIGHTS), strict=False).unexpected_keys
+    if foreign:
+        raise CheckpointError(f"{target}: weights {foreign[:3]} are not in this model; the folder is not this run's")
+    return json.loads((target / "best.json").read_text())

@@ -3,6 +3,7 @@ the hard-negative source, and the per-epoch loader."""
 
 from __future__ import annotations
 
+import hashlib
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from cliptune.config import RunConfig
+from cliptune.config import VALIDATION_SPLIT, ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.data.datasets import NegativeSource, Transform
 from cliptune.data.shards import ShardStream
@@ -38,6 +39,56 @@ def training_table(cfg: RunConfig) -> tuple[CaptionTable | None, list[int] | Non
         list(labelled.paths), [prompts[label] for label in labelled.labels], list(labelled.skipped), spec.name
     )
     return table, list(labelled.labels)
+
+
+def split_validation(table: CaptionTable, fraction: float, seed: int) -> tuple[CaptionTable, CaptionTable]:
+    """(training part, validation part) of `table`: about `fraction` of its images, whole caption groups at a time.
+
+    Images that share a caption form one group (connected through any shared caption), and a group goes wholly to one
+    side, so no validation caption occurs in training, as on a held-out set. Groups are ordered by a seeded hash of
+    their first caption, a choice independent of the table's row order.
+    """
+    groups = _caption_groups(table)
+
+    def rank(members: list[int]) -> str:
+        return hashlib.sha256(f"{seed}:{table.captions[members[0]][0]}".encode()).hexdigest()
+
+    wanted, held = max(1, round(fraction * len(table))), set()
+    for members in sorted(groups, key=rank):
+        if len(held) >= wanted:
+            break
+        held.update(members)
+    if len(held) >= len(table):
+        raise ConfigError(f"data.validation_split: {fraction} leaves no training images in {table.name!r}")
+
+    def part(keep: list[int], name: str) -> CaptionTable:
+        negatives = table.negatives
+        return CaptionTable([table.images[i] for i in keep], [table.captions[i] for i in keep], [], name, 0, negatives)
+
+    train_idx = [i for i in range(len(table)) if i not in held]
+    train = part(train_idx, table.name)
+    train.skipped, train.empty_captions = table.skipped, table.empty_captions
+    return train, part(sorted(held), VALIDATION_SPLIT)
+
+
+def _caption_groups(table: CaptionTable) -> list[list[int]]:
+    """Images connected through shared captions (union-find by hand: a dozen lines, no graph library needed)."""
+    parent = list(range(len(table)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    first: dict[str, int] = {}
+    for i, captions in enumerate(table.captions):
+        for caption in captions:
+            parent[root(i)] = root(first.setdefault(caption, i))
+    groups: dict[int, list[int]] = {}
+    for i in range(len(table)):
+        groups.setdefault(root(i), []).append(i)
+    return list(groups.values())
 
 
 def train_dataset(
@@ -152,7 +203,11 @@ def steps_per_epoch(cfg: RunConfig, dataset: TrainPairs | ShardStream, where: Wo
     return min(dataset.steps_per_epoch(local, where.size, workers, epoch) for epoch in range(cfg.train.epochs))
 
 
-def make_loader(cfg: RunConfig, dataset: TrainPairs | ShardStream, epoch: int, where: World = SINGLE) -> DataLoader:
+def make_loader(
+    cfg: RunConfig, dataset: TrainPairs | ShardStream, epoch: int, where: World = SINGLE, start: int = 0
+) -> DataLoader:
+    """The epoch's loader; a table's loader from batch `start` on (a mid-epoch resume) without reading the skipped
+    batches. A stream cannot seek: its caller skips `start` batches by reading them."""
     dataset.set_epoch(epoch)
     if isinstance(dataset, ShardStream):
         return DataLoader(
@@ -166,7 +221,9 @@ def make_loader(cfg: RunConfig, dataset: TrainPairs | ShardStream, epoch: int, w
     generator = torch.Generator().manual_seed(cfg.runtime.seed * 100_003 + epoch)
     batch = cfg.train.batch_size
     # a ragged last batch is a different (easier) contrastive task: dropped
-    sampler = GlobalBatchSampler(len(dataset), batch, generator, drop_last=len(dataset) > batch, where=where)
+    sampler = GlobalBatchSampler(
+        len(dataset), batch, generator, drop_last=len(dataset) > batch, where=where, start=start
+    )
     return DataLoader(
         dataset,
         batch_sampler=sampler,

@@ -14,12 +14,15 @@ import datetime
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import Sampler
 
 from cliptune.config import ConfigError
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -95,18 +98,34 @@ def barrier(where: World) -> None:
         dist.barrier()
 
 
+def broadcast_object(obj: T, where: World) -> T:
+    """Rank 0's `obj` on every rank (a decision only rank 0 can make, such as stopping early)."""
+    if not where.distributed:
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 class GlobalBatchSampler(Sampler[list[int]]):
     """This rank's slice of every global batch of a seeded permutation (see the module docstring).
 
     Global batches are consecutive pieces of one `randperm` drawn from `generator`. With `drop_last` the ragged end is
-    dropped; otherwise (a set smaller than one batch) the one short batch is split as evenly as possible.
+    dropped; otherwise (a set smaller than one batch) the one short batch is split as evenly as possible. Iteration
+    starts at batch `start` of that order (a mid-epoch resume); the length stays the whole epoch's.
     """
 
     def __init__(
-        self, size: int, batch_size: int, generator: torch.Generator, drop_last: bool, where: World = SINGLE
+        self,
+        size: int,
+        batch_size: int,
+        generator: torch.Generator,
+        drop_last: bool,
+        where: World = SINGLE,
+        start: int = 0,
     ) -> None:
         self.size, self.batch_size, self.generator = size, batch_size, generator
-        self.drop_last, self.where = drop_last, where
+        self.drop_last, self.where, self.start = drop_last, where, start
 
     @property
     def local_size(self) -> int:
@@ -126,7 +145,7 @@ class GlobalBatchSampler(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         order = torch.randperm(self.size, generator=self.generator)
-        for batch in order.split(self.batch_size)[: len(self)]:
+        for batch in order.split(self.batch_size)[self.start : len(self)]:
             yield batch.tensor_split(self.where.size)[self.where.rank].tolist()
 
 
@@ -135,6 +154,7 @@ __all__ = [
     "GlobalBatchSampler",
     "World",
     "barrier",
+    "broadcast_object",
     "check_batch",
     "init_distributed",
     "local_device",

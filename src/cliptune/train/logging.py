@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -85,19 +86,28 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def truncate_after(path: Path, epoch: int) -> None:
-    """Drop records past `epoch`: a run killed after logging but before its checkpoint replays that epoch."""
+def truncate_after(path: Path, step: int) -> None:
+    """Drop records past `step`: a run killed after logging but before its checkpoint replays those steps."""
     if not path.is_file():
         return
-    records = [r for r in read_jsonl(path) if r.get("epoch", 0) <= epoch]
+    records = [r for r in read_jsonl(path) if r.get("step", 0) <= step]
     with atomic_write(path) as tmp:
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
 
 
-def evaluations(run_dir: Path) -> dict[int, dict[str, dict[str, float]]]:
-    """metrics.jsonl regrouped as epoch -> eval name -> metrics."""
-    out: dict[int, dict[str, dict[str, float]]] = {}
+@dataclass
+class Evaluation:
+    """One evaluation of every eval set: after `epoch` whole epochs and `step` optimizer steps (0, 0: baseline)."""
+
+    epoch: int
+    step: int
+    results: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def evaluations(run_dir: Path) -> list[Evaluation]:
+    """metrics.jsonl regrouped by evaluation, in step order."""
+    out: dict[int, Evaluation] = {}
     for rec in read_jsonl(run_dir / METRICS_FILE):
         values = {k: v for k, v in rec.items() if k not in ("epoch", "step", "eval")}
-        out.setdefault(rec["epoch"], {})[rec["eval"]] = values
-    return out
+        out.setdefault(rec["step"], Evaluation(rec["epoch"], rec["step"])).results[rec["eval"]] = values
+    return [out[step] for step in sorted(out)]

@@ -1,4 +1,5 @@
-"""The fine-tuning loop: train epoch by epoch, evaluate (with EMA weights), checkpoint, and finish the run."""
+"""The fine-tuning loop: train epoch by epoch, evaluate (with EMA weights) and checkpoint at the configured cadence,
+keep the best evaluated weights, stop early if asked, and finish the run."""
 
 from __future__ import annotations
 
@@ -11,20 +12,29 @@ from contextlib import nullcontext
 from typing import Any
 
 import torch
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.models.base import ENCODERS
-from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint, save_checkpoint
+from cliptune.train.checkpoint import (
+    checkpoint_folder,
+    latest_checkpoint,
+    save_best,
+    save_checkpoint,
+    set_rng_state,
+)
 from cliptune.train.data import make_loader
-from cliptune.train.distributed import barrier
+from cliptune.train.distributed import barrier, broadcast_object
 from cliptune.train.finish import finish
 from cliptune.train.forward import Batch
 from cliptune.train.gradcache import chunked_backward
 from cliptune.train.logging import log
+from cliptune.train.runs import DONE, FAILED, INTERRUPTED, session_ended, session_started
 from cliptune.train.setup import Callback, Trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
+from cliptune.tuning.wise import initial_state
 from cliptune.utils.precision import autocast
 
 
@@ -103,14 +113,33 @@ def train_step(trainer: Trainer, batch: Batch) -> float:
     return loss.item()
 
 
+def _epoch_iterator(trainer: Trainer, epoch: int) -> tuple[DataLoader, Iterator[Any]]:
+    """The epoch's loader and its batches from `state.batch` on; on resume, the saved RNG state is applied where the
+    saved run stood."""
+    start = trainer.state.batch  # > 0 only in the epoch a mid-epoch checkpoint resumes
+    loader = make_loader(trainer.cfg, trainer.dataset, epoch, trainer.where, start)
+    rng, trainer.resume_rng = trainer.resume_rng, None
+    # Starting a loader draws its seed from the global RNG: at an epoch boundary the saved run drew it after saving,
+    # mid-epoch before, so the saved state goes in before or after that draw.
+    if rng is not None and start == 0:
+        set_rng_state(rng)
+    batches = iter(loader)
+    if rng is not None and start > 0:
+        set_rng_state(rng)
+    if trainer.train_table is None:  # a stream cannot seek: read the batches the saved run had trained on
+        batches = itertools.islice(batches, start, None)
+    return loader, itertools.islice(batches, trainer.steps_per_epoch - start)
+
+
 def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
-    loader = make_loader(trainer.cfg, trainer.dataset, epoch, trainer.where)
     fields = getattr(trainer.dataset, "fields", ("image", "tokens"))
+    loader, batches = _epoch_iterator(trainer, epoch)
     # Every local batch is full (drop_last, or one batch holding the whole set), so a short one lost unreadable
     # images; counting here rather than in the dataset also works when worker processes do the loading.
     expected = loader.batch_size or loader.batch_sampler.local_size
     # A stream stops at the step count every rank reaches (shards split unevenly); a table's loader is that long.
-    for batch in itertools.islice(loader, trainer.steps_per_epoch):
+    for batch in batches:
+        trainer.state.batch += 1
         got = 0 if batch is None else len(batch[0])
         trainer.skipped_samples += expected - got
         if got < 2 and not trainer.where.distributed:  # a contrastive step needs at least one negative
@@ -130,10 +159,12 @@ def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
 
 
 def train_epoch(trainer: Trainer, epoch: int) -> None:
+    """One epoch (the rest of it after a mid-epoch resume), evaluating and checkpointing on the step cadence."""
     cfg = trainer.cfg
     set_train_mode(trainer.model, trainer.locked)
     bar = tqdm(
         total=trainer.steps_per_epoch,
+        initial=trainer.state.batch,
         desc=f"epoch {epoch + 1}/{cfg.train.epochs}",
         disable=not cfg.runtime.progress or not trainer.where.main,
         dynamic_ncols=True,
@@ -142,6 +173,8 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
     started, seen = time.perf_counter(), 0
     for batch in _batches(trainer, epoch):
         loss = train_step(trainer, batch)
+        total, count = trainer.epoch_loss
+        trainer.epoch_loss = (total + loss, count + 1)
         seen += len(batch) * trainer.where.size
         rate = seen / max(time.perf_counter() - started, 1e-9)
         lr = trainer.optimizer.param_groups[0]["lr"]
@@ -158,7 +191,56 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
                     "samples_per_s": rate,
                 }
             )
+        if _mid_epoch(trainer):
+            break
     bar.close()
+
+
+def _mid_epoch(trainer: Trainer) -> bool:
+    """Step-cadence evaluation and checkpoint inside an epoch (its end has its own); True when training must stop."""
+    cfg, step = trainer.cfg, trainer.state.step
+    if trainer.state.batch >= trainer.steps_per_epoch:
+        return False
+    if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and _evaluates(trainer):
+        evaluate(trainer)
+        set_train_mode(trainer.model, trainer.locked)  # evaluation leaves every module in train mode, locked included
+        if stopped(trainer):
+            _checkpoint(trainer)  # records the stop, so a --resume finishes instead of training on
+            return True
+    if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+        _checkpoint(trainer)
+    return False
+
+
+def _evaluates(trainer: Trainer) -> bool:
+    return bool(trainer.suite) or bool(trainer.validation)
+
+
+def stopped(trainer: Trainer) -> bool:
+    return trainer.selection is not None and trainer.selection.stopped is not None
+
+
+def _eval_due_at_epoch_end(trainer: Trainer) -> bool:
+    """eval.every_epochs (default: every epoch unless eval.every_steps is set), a step-cadence step, or the end."""
+    cfg, epoch, step = trainer.cfg, trainer.state.epoch, trainer.state.step
+    if not _evaluates(trainer) or trainer.last_eval_step == step:
+        return False
+    every_epochs = cfg.eval.every_epochs or (None if cfg.eval.every_steps else 1)
+    by_epoch = every_epochs is not None and epoch % every_epochs == 0
+    by_step = cfg.eval.every_steps is not None and step % cfg.eval.every_steps == 0
+    return by_epoch or by_step or epoch == cfg.train.epochs
+
+
+def _end_epoch(trainer: Trainer, epoch: int) -> None:
+    """Close epoch `epoch` (0-based): its mean loss, evaluation if due, and its checkpoint."""
+    trainer.state.epoch, trainer.state.batch = epoch + 1, 0
+    total, count = trainer.epoch_loss
+    if count:
+        trainer.log.train_step({"step": trainer.state.step, "epoch": epoch + 1, "epoch_mean_loss": total / count})
+    trainer.epoch_loss = (0.0, 0)
+    if _eval_due_at_epoch_end(trainer):
+        evaluate(trainer)
+    _checkpoint(trainer)
 
 
 def evaluated_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
@@ -166,28 +248,56 @@ def evaluated_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
     return trainer.ema.applied(trainer.model) if trainer.ema is not None else nullcontext()
 
 
-def evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
-    """Every eval set, on the main process (the others wait for it)."""
-    if not trainer.where.main:
+def evaluate(trainer: Trainer, baseline: bool = False) -> dict[str, dict[str, float]]:
+    """Every eval set, on the main process (the others wait for it, then learn whether training stops)."""
+    trainer.last_eval_step = trainer.state.step
+    results = {}
+    if trainer.where.main:
+        try:
+            results = _evaluate(trainer, baseline)
+        finally:
+            barrier(trainer.where)
+    else:
         barrier(trainer.where)
-        return {}
-    try:
-        return _evaluate(trainer)
-    finally:
-        barrier(trainer.where)
+    if trainer.selection is not None and trainer.where.distributed:
+        trainer.selection.load_state_dict(broadcast_object(trainer.selection.state_dict(), trainer.where))
+    return results
 
 
-def _evaluate(trainer: Trainer) -> dict[str, dict[str, float]]:
+def _log_validation_losses(trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
+    """Validation losses also go to train.jsonl (and TensorBoard's train/), beside the training loss."""
+    losses = {f"val_loss/{name}": values["loss"] for name, values in results.items() if "loss" in values}
+    if losses:
+        trainer.log.train_step({"step": trainer.state.step, "epoch": trainer.state.epoch, **losses})
+
+
+def _evaluate(trainer: Trainer, baseline: bool) -> dict[str, dict[str, float]]:
+    selection, state = trainer.selection, trainer.state
     with evaluated_weights(trainer):
-        results = trainer.suite.run(trainer.encoding)
-    trainer.log.evaluation(trainer.state.epoch, trainer.state.step, results)
+        # validation sets also report their loss (selectable: SET/loss with mode min); held-out sets keep to recalls
+        validation = trainer.validation.run(trainer.encoding, loss_batch=trainer.cfg.train.batch_size)
+        results = {**validation, **trainer.suite.run(trainer.encoding)}
+        if selection is not None and baseline:
+            selection.value(results)  # a selection metric that does not exist fails before training, not after
+        elif selection is not None and selection.update(results, state.epoch, state.step):
+            record = {"epoch": state.epoch, "step": state.step, "metric": selection.metric, "results": results}
+            save_best(trainer.run_dir / "checkpoints", initial_state(trainer.model), record)
+    trainer.log.evaluation(state.epoch, state.step, results)
+    _log_validation_losses(trainer, validation)
     for name, values in results.items():
         shown = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
-        log.info("eval %s (epoch %d): %s", name, trainer.state.epoch, shown)
+        log.info("eval %s (epoch %d, step %d): %s", name, state.epoch, state.step, shown)
+    if selection is not None and not baseline and selection.best is not None:
+        best = selection.best
+        log.info("selection %s: best %.4g (epoch %d, step %d)", selection.metric, best.value, best.epoch, best.step)
+    if selection is not None and selection.stopped is not None:
+        log.warning("early stopping at epoch %d, step %d: %s", state.epoch, state.step, selection.stopped["reason"])
     return results
 
 
 def _checkpoint(trainer: Trainer) -> None:
+    if trainer.cfg.train.keep_checkpoints == 0:
+        return
     if not trainer.where.main:
         barrier(trainer.where)
         return
@@ -198,8 +308,44 @@ def _checkpoint(trainer: Trainer) -> None:
 
 
 def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
-    """Baseline evaluation, then epochs of training, each followed by evaluation and an atomic checkpoint."""
+    """Baseline evaluation, then epochs of training with evaluations and atomic checkpoints at the configured cadence;
+    callbacks run after each epoch's checkpoint. status.json says how the session ended (`cliptune runs`)."""
+    if not trainer.where.main:
+        return _fit(trainer, callbacks)
+    session_started(trainer.run_dir)
+    try:
+        results = _fit(trainer, callbacks)
+    except KeyboardInterrupt:
+        session_ended(trainer.run_dir, INTERRUPTED)
+        raise
+    except Exception as e:
+        session_ended(trainer.run_dir, FAILED, f"{type(e).__name__}: {e}")
+        raise
+    session_ended(trainer.run_dir, DONE)
+    return results
+
+
+def _fit(trainer: Trainer, callbacks: tuple[Callback, ...]) -> dict[str, Any]:
     cfg = trainer.cfg
+    _describe(trainer)
+    started = time.perf_counter()
+    if trainer.state.step == 0 and trainer.state.batch == 0 and _evaluates(trainer):
+        evaluate(trainer, baseline=True)
+    for epoch in range(trainer.state.epoch, cfg.train.epochs):
+        if stopped(trainer):
+            break
+        train_epoch(trainer, epoch)
+        if stopped(trainer):
+            break
+        _end_epoch(trainer, epoch)
+        for callback in callbacks:
+            callback(trainer)
+    if not trainer.where.main:
+        return {}
+    return finish(trainer, time.perf_counter() - started)
+
+
+def _describe(trainer: Trainer) -> None:
     log.info("run directory: %s", trainer.run_dir)
     table = trainer.train_table
     if table is not None:
@@ -212,17 +358,8 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
     else:
         log.info("train: streaming %s; %d steps per epoch", trainer.cfg.data.shards, trainer.steps_per_epoch)
     log.info("trainable parameters:\n%s", trainable_summary(trainer.model))
-    started = time.perf_counter()
-    if trainer.state.epoch == 0 and trainer.suite:
-        evaluate(trainer)
-    for epoch in range(trainer.state.epoch, cfg.train.epochs):
-        train_epoch(trainer, epoch)
-        trainer.state.epoch = epoch + 1
-        if trainer.suite:
-            evaluate(trainer)
-        _checkpoint(trainer)
-        for callback in callbacks:
-            callback(trainer)
-    if not trainer.where.main:
-        return {}
-    return finish(trainer, time.perf_counter() - started)
+    if trainer.cfg.train.keep_checkpoints == 0:
+        log.warning("train.keep_checkpoints is 0: no resume checkpoints are written, so this run cannot be resumed")
+    if trainer.selection is not None:
+        chosen = trainer.selection
+        log.info("selection: model/ keeps the weights of the best %s (%s)", chosen.metric, chosen.mode)

@@ -1,70 +1,135 @@
-"""What a person reads after a run: results.json, summary.md (baseline vs final) and curves.png."""
+"""What a person reads after a run: results.json, summary.md (baseline, selected and last) and curves.png."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cliptune.metrics import headline
-from cliptune.train.logging import TRAIN_LOG_FILE, evaluations, read_jsonl
+from cliptune.train.logging import TRAIN_LOG_FILE, Evaluation, evaluations, read_jsonl
 from cliptune.utils.files import atomic_write
 
+Results = dict[str, dict[str, float]]
 
-def write_results(run_dir: Path, extra: dict[str, Any]) -> dict[str, Any]:
+
+def write_results(
+    run_dir: Path, extra: dict[str, Any], selection: dict[str, Any] | None = None, final: Results | None = None
+) -> dict[str, Any]:
+    """results.json, summary.md and curves.png from metrics.jsonl.
+
+    `selection` (Selection.state_dict() plus the validation and reported set names) says which evaluation's weights
+    are model/; "final" holds that evaluation's figures unless `final` (a WiSE-FT alpha's) replaces them.
+    """
     evals = evaluations(run_dir)
-    epochs = sorted(evals)
+    by_step = {e.step: e for e in evals}
+    last = evals[-1] if evals else None
+    best = (selection or {}).get("best")
+    chosen = by_step.get(best["step"]) if best else last
     results = {
-        "baseline": evals.get(0, {}),
-        "final": evals[epochs[-1]] if epochs else {},
-        "per_epoch": {str(e): evals[e] for e in epochs},
+        "baseline": by_step[0].results if 0 in by_step else {},
+        "final": final if final is not None else (chosen.results if chosen else {}),
+        "last": last.results if last else {},
+        "selection": selection,
+        "per_epoch": {str(e.epoch): e.results for e in evals},  # the last evaluation of each epoch
+        "evaluations": [asdict(e) for e in evals],
         **extra,
     }
     with atomic_write(run_dir / "results.json") as tmp:
         tmp.write_text(json.dumps(results, indent=2))
     with atomic_write(run_dir / "summary.md") as tmp:
-        tmp.write_text(summary_markdown(results["baseline"], results["final"], title=run_dir.name))
-    plot_curves(run_dir, evals)
+        tmp.write_text(summary_markdown(results, title=run_dir.name))
+    plot_curves(run_dir, evals, best["step"] if best else None)
     return results
 
 
-def summary_markdown(baseline: dict[str, dict[str, float]], final: dict[str, dict[str, float]], title: str) -> str:
-    lines = [f"# {title}: before and after fine-tuning", ""]
-    for name in final or baseline:
-        lines += [f"## {name}", "", "| metric | baseline | final | change |", "|---|---:|---:|---:|"]
-        before, after = baseline.get(name, {}), final.get(name, {})
-        for metric in after or before:
-            b, a = before.get(metric), after.get(metric)
+def summary_markdown(results: dict[str, Any], title: str) -> str:
+    baseline, final, last = results["baseline"], results["final"], results["last"]
+    selection = results.get("selection")
+    lines = [f"# {title}: before and after fine-tuning", "", *_selection_lines(selection), ""]
+    validation = set(selection["validation_sets"]) if selection else set()
+    for name in final or last or baseline:
+        role = "validation: chose the weights, not a held-out figure" if name in validation else "held-out, reported"
+        lines += [f"## {name} ({role})", ""]
+        lines += ["| metric | baseline | final (model/) | last | change |", "|---|---:|---:|---:|---:|"]
+        before, after, end = baseline.get(name, {}), final.get(name, {}), last.get(name, {})
+        for metric in after or end or before:
+            b, a, e = before.get(metric), after.get(metric), end.get(metric)
             change = f"{a - b:+.2f}" if a is not None and b is not None else ""
-            lines.append(f"| {metric} | {_fmt(b)} | {_fmt(a)} | {change} |")
+            lines.append(f"| {metric} | {_fmt(b)} | {_fmt(a)} | {_fmt(e)} | {change} |")
         lines.append("")
     return "\n".join(lines)
+
+
+def _selection_lines(selection: dict[str, Any] | None) -> list[str]:
+    if not selection:
+        return ["model/ holds the weights at the end of training (no eval set to select on)."]
+    best, last = selection["best"], selection["last"]
+    lines = [
+        f"Selection: `{selection['metric']}` ({selection['mode']}). model/ holds the weights of the best evaluation.",
+        "",
+        "| | epoch | step | value |",
+        "|---|---:|---:|---:|",
+    ]
+    for label, point in (("selected (model/)", best), ("last", last)):
+        if point:
+            lines.append(f"| {label} | {point['epoch']} | {point['step']} | {point['value']:.4g} |")
+    lines.append("")
+    validation, reported = selection["validation_sets"], selection["reported_sets"]
+    lines.append(f"Validation sets (selection, early stopping, WiSE-FT alpha): {', '.join(validation) or 'none'}.")
+    lines.append(f"Held-out sets (reported only): {', '.join(reported) or 'none'}.")
+    if selection["metric"].split("/")[0] in reported:
+        lines.append("Note: the selection metric is on a reported set, so that set's final figures are optimistic.")
+    if selection.get("stopped"):
+        stop = selection["stopped"]
+        lines.append(f"Early stopping at epoch {stop['epoch']}, step {stop['step']}: {stop['reason']}.")
+    if selection.get("wise_alpha") is not None:
+        lines.append(f"WiSE-FT: model/ is alpha {selection['wise_alpha']:g}, chosen on `{selection['metric']}`.")
+    return lines
 
 
 def _fmt(value: float | None) -> str:
     return "" if value is None else f"{value:.2f}"
 
 
-def plot_curves(run_dir: Path, evals: dict[int, dict[str, dict[str, float]]]) -> None:
+def plot_curves(run_dir: Path, evals: list[Evaluation], best_step: int | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")  # no display on training machines
     import matplotlib.pyplot as plt
 
-    steps = read_jsonl(run_dir / TRAIN_LOG_FILE)
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(10, 4))
-    if steps:
-        ax_loss.plot([r["step"] for r in steps], [r["loss"] for r in steps])
-    ax_loss.set(title="training loss", xlabel="step", ylabel="loss")
-    for name in sorted({n for per_set in evals.values() for n in per_set}):
-        points = [(e, headline(evals[e][name])) for e in sorted(evals) if name in evals[e]]
-        points = [(e, v) for e, v in points if v is not None]
+    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    _plot_losses(ax_loss, read_jsonl(run_dir / TRAIN_LOG_FILE))
+    for name in dict.fromkeys(n for e in evals for n in e.results):
+        points = [(e.step, headline(e.results[name])) for e in evals if name in e.results]
+        points = [(s, v) for s, v in points if v is not None]
         if points:
             ax_eval.plot(*zip(*points), marker="o", label=name)
-    ax_eval.set(title="evaluation (mean recall / top-1, %)", xlabel="epoch (0 = before fine-tuning)")
+            chosen = [v for s, v in points if s == best_step]
+            if chosen:
+                ax_eval.plot([best_step], chosen, marker="*", markersize=14, color="black", linestyle="none")
+    ax_eval.set(title="evaluation (mean recall / top-1, %; * = selected)", xlabel="step (0 = before fine-tuning)")
     if evals:
         ax_eval.legend()
     fig.tight_layout()
     with atomic_write(run_dir / "curves.png") as tmp:
         fig.savefig(tmp, format="png", dpi=100)
     plt.close(fig)
+
+
+def _plot_losses(ax: Any, records: list[dict[str, Any]]) -> None:
+    """Every logged loss and loss term per step, the epoch means, and validation losses at evaluations."""
+    keys = dict.fromkeys(k for r in records for k in r if k == "loss" or k.startswith("loss/"))
+    for key in keys:
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), label=key, linewidth=1)
+    means = [(r["step"], r["epoch_mean_loss"]) for r in records if "epoch_mean_loss" in r]
+    if means:
+        ax.plot(*zip(*means), marker="s", label="epoch mean loss")
+    for key in dict.fromkeys(k for r in records for k in r if k.startswith("val_loss/")):
+        points = [(r["step"], r[key]) for r in records if key in r]
+        ax.plot(*zip(*points), marker="o", linestyle="--", label=key)
+    ax.set(title="loss", xlabel="step", ylabel="loss")
+    if records:
+        ax.legend(fontsize="small")

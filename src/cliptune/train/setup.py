@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -12,7 +13,7 @@ import numpy as np
 import torch
 
 from cliptune import config as config_mod
-from cliptune.config import ConfigError, RunConfig
+from cliptune.config import ConfigError, EvalConfig, RunConfig, TableSpec, ZeroShotSpec
 from cliptune.data import CaptionTable, TrainPairs
 from cliptune.data.shards import ShardStream
 from cliptune.eval import EvalSuite
@@ -24,18 +25,20 @@ from cliptune.models import ClipModel, build_model
 from cliptune.models.base import Tower
 from cliptune.models.io import SPEC_FILE, rebuild_from, write_spec
 from cliptune.train.checkpoint import (
+    BEST,
     TrainState,
     checkpoint_folder,
     latest_checkpoint,
     load_checkpoint,
     restore_training,
 )
-from cliptune.train.data import shard_stream, steps_per_epoch, train_dataset, training_table
+from cliptune.train.data import shard_stream, split_validation, steps_per_epoch, train_dataset, training_table
 from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
 from cliptune.train.guard import check_progress, check_training_data, make_run_dir
 from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, log, truncate_after
 from cliptune.train.optim import build_optimizer, build_scheduler
+from cliptune.train.selection import Selection, build_selection
 from cliptune.tuning.ema import EMA
 from cliptune.tuning.locking import apply_locking, fully_locked_towers
 from cliptune.tuning.strategies import adapt, adapted_towers, after_locking, changing_state, save_initial_state, wrap
@@ -63,8 +66,9 @@ def seed_everything(seed: int) -> None:
 
 @dataclass(kw_only=True)
 class Trainer:
-    """What a run trains with. Everything is fixed when the run is set up except the step state: `state` (epoch and
-    step, saved in checkpoints), `skipped_samples`, and the weights inside `model`, `optimizer`, `scheduler`, `ema`."""
+    """What a run trains with. Everything is fixed when the run is set up except the step state: `state` (epoch,
+    step and batch, saved in checkpoints), `skipped_samples`, `selection`, the epoch's loss, and the weights inside
+    `model`, `optimizer`, `scheduler`, `ema`."""
 
     # fixed for the run
     cfg: RunConfig
@@ -85,9 +89,14 @@ class Trainer:
     where: World = SINGLE
     ema: EMA | None = None
     mixup: PairMixup | None = None  # data.mixup: mixes each batch's images and labels before the forward pass
+    validation: EvalSuite = field(default_factory=EvalSuite)  # selects and stops; `suite` is reported
     # the step state
     state: TrainState = field(default_factory=TrainState)
     skipped_samples: int = 0
+    selection: Selection | None = None  # best and last evaluation, early stopping; saved in checkpoints
+    epoch_loss: tuple[float, int] = (0.0, 0)  # this epoch's loss sum and step count, for its mean
+    last_eval_step: int = -1
+    resume_rng: dict[str, Any] | None = None  # applied where the saved run stood (loop._epoch_iterator)
 
     def __post_init__(self) -> None:
         # Counted before training ends: merging LoRA at the end removes the adapters that were trained.
@@ -154,6 +163,8 @@ def _prepare_run_dir(cfg: RunConfig, resume: bool) -> Path | None:
     for stale in (METRICS_FILE, TRAIN_LOG_FILE):
         if checkpoint is None and (run_dir / stale).exists():
             (run_dir / stale).unlink()
+    if checkpoint is None and (run_dir / "checkpoints" / BEST).is_dir():
+        shutil.rmtree(run_dir / "checkpoints" / BEST)  # an earlier run's best weights must not become this run's
     config_mod.dump(cfg, run_dir / "config.yaml")
     return checkpoint
 
@@ -216,7 +227,13 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     config_mod.check_training(cfg)
     where, device = _process(cfg)
     train_table, labels = training_table(cfg)
+    split = None
+    if cfg.data.validation_split and train_table is not None:
+        train_table, split = split_validation(train_table, cfg.data.validation_split, cfg.runtime.seed)
+        log.info("validation: %d of the training images held back (data.validation_split)", len(split))
     suite = EvalSuite.from_config(cfg.eval)
+    validation, kinds = _validation_suite(cfg, split)
+    selection = build_selection(cfg, kinds)
     checkpoint = prepare_run_dir(cfg, resume, where)
     if where.main:
         check_training_data(cfg.run_dir, train_table, checkpoint is not None)
@@ -241,6 +258,8 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     steps = steps_per_epoch(cfg, dataset, where)
     scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs, steps)
     skipped = _restore(cfg, checkpoint, state, rest, optimizer, scheduler, ema, objective, where) if checkpoint else 0
+    if checkpoint and selection is not None and rest.get("selection"):
+        selection.load_state_dict(rest["selection"])
     module = TrainModule(model, objective, locked, encoding.cached)
     return Trainer(
         cfg=cfg,
@@ -263,6 +282,11 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         mixup=_mixup(cfg, model, where),
         state=state,
         skipped_samples=skipped,
+        validation=validation,
+        selection=selection,
+        resume_rng=rest.get("rng"),
+        epoch_loss=tuple(rest.get("epoch_loss", (0.0, 0))),
+        last_eval_step=state.step if checkpoint else -1,
     )
 
 
@@ -280,6 +304,19 @@ def _mixup(cfg: RunConfig, model: ClipModel, where: World) -> PairMixup | None:
 
     classes = int(model.class_weights.shape[0])
     return PairMixup(cfg.data.mixup, classes, cfg.loss.label_smoothing, cfg.runtime.seed)
+
+
+def _validation_suite(cfg: RunConfig, split: CaptionTable | None) -> tuple[EvalSuite, list[tuple[str, str]]]:
+    """The validation sets (the training table's split first) and their (name, kind) in config order."""
+    specs = cfg.eval.validation
+    tables = [s for s in specs if isinstance(s, TableSpec)]
+    labelled = [s for s in specs if isinstance(s, ZeroShotSpec)]
+    suite = EvalSuite.from_config(EvalConfig(retrieval=tables, zeroshot=labelled, batch_size=cfg.eval.batch_size))
+    kinds = [(s.name, "retrieval" if isinstance(s, TableSpec) else "zeroshot") for s in specs]
+    if split is not None:
+        suite.retrieval.insert(0, split)
+        kinds.insert(0, (split.name, "retrieval"))
+    return suite, kinds
 
 
 def _process(cfg: RunConfig) -> tuple[World, torch.device]:
@@ -361,6 +398,6 @@ def _restore(
     skipped = restore_training(rest, optimizer, scheduler, ema, objective, checkpoint)
     if where.main:
         for path in (cfg.run_dir / METRICS_FILE, cfg.run_dir / TRAIN_LOG_FILE):
-            truncate_after(path, state.epoch)
+            truncate_after(path, state.step)
     log.info("resumed from %s (epoch %d, step %d)", checkpoint, state.epoch, state.step)
     return skipped

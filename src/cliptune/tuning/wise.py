@@ -113,6 +113,11 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
             live[name].copy_(value)
 
 
+def apply_alpha(model: nn.Module, initial: dict[str, torch.Tensor], alpha: float) -> None:
+    """Set `model`'s weights, in place, to the interpolation at `alpha` between `initial` and its own."""
+    _assign(model, interpolate(initial, model.state_dict(), alpha))
+
+
 def sweep(model: ClipModel, initial: dict[str, torch.Tensor], alphas: Iterable[float], evaluate: Evaluate) -> dict:
     """{alpha: evaluate(model with the interpolated weights)}; afterwards `model` is exactly the fine-tuned model."""
     alphas = [check_alpha(a) for a in alphas]  # all checked before the model is touched

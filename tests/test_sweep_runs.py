@@ -1,0 +1,132 @@
+"""`cliptune sweep` (Optuna: pruning, a killed study resumed, reports) and `cliptune runs` (table, --compare, --md)."""
+
+import csv
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+import cliptune
+from cliptune.cli import main
+from cliptune.config import ConfigError
+from cliptune.eval import EvalSuite
+from cliptune.train import runs, sweep
+from tests.test_train import run_config, write_yaml
+
+VALUE = {0.001: 50.0, 0.0001: 10.0, 0.01: 70.0}  # the scripted mean recall of a trial, by its learning rate
+LRS = list(VALUE)
+
+
+@pytest.fixture
+def scripted_by_lr(monkeypatch):
+    """Each trial's eval set reports the value its learning rate maps to; training and Optuna run for real."""
+    current = {}
+    real = sweep.trial_config
+
+    def capture(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        current["lr"] = cfg.optim.lr
+        return cfg
+
+    def run(self, encoding, loss_batch=None):
+        return {"val": {"mean_recall": VALUE[current["lr"]]}} if self.retrieval else {}
+
+    monkeypatch.setattr(sweep, "trial_config", capture)
+    monkeypatch.setattr(EvalSuite, "run", run)
+
+
+def _states(folder: Path) -> dict[int, str]:
+    with (folder / "sweep.csv").open() as f:
+        return {int(r["trial"]): r["state"] for r in csv.DictReader(f)}
+
+
+@pytest.mark.slow
+def test_sweep_prunes_resumes_a_killed_study_and_reports(shapes, tmp_path, scripted_by_lr):
+    config = write_yaml(run_config(shapes, tmp_path / "out", epochs=2), tmp_path / "c.yaml")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": LRS}))
+    folder = tmp_path / "out" / "run-sweep"
+    folder.mkdir(parents=True)
+    from optuna.distributions import CategoricalDistribution
+
+    study = sweep._study(folder, "max", startup_trials=1)
+    study.enqueue_trial({"optim.lr": 0.001})
+    study.enqueue_trial({"optim.lr": 0.0001})  # worse than trial 0 at its first evaluation: pruned
+    sweep.run_sweep(config, space, trials=2, startup_trials=1)
+    assert _states(folder) == {0: "complete", 1: "pruned"}
+
+    # a sweep killed in the middle of trial 2 leaves it RUNNING in study.db
+    study.enqueue_trial({"optim.lr": 0.01})
+    killed = study.ask({"optim.lr": CategoricalDistribution(LRS)})
+    assert killed.params == {"optim.lr": 0.01}
+    best = sweep.run_sweep(config, space, trials=3, startup_trials=1)
+    assert _states(folder) == {3: "complete", 0: "complete", 1: "pruned", 2: "fail"}, "trial 2 ran again as 3"
+    assert best["number"] == 3 and best["value"] == 70.0
+
+    table = (folder / "sweep.md").read_text()
+    assert table.index("| 3 | complete | 70 |") < table.index("| 0 | complete | 50 |") < table.index("| 1 | pruned |")
+    assert (folder / "param_optim.lr.png").stat().st_size > 0 and (folder / "study.db").is_file()
+    again = yaml.safe_load((folder / "best.yaml").read_text())
+    trial = yaml.safe_load((folder / "trial_003" / "config.yaml").read_text())
+    assert again == {**trial, "name": "best"} and again["optim"]["lr"] == 0.01
+    assert again["runtime"]["feature_cache"] == str(folder / "feature_cache"), "trials share the feature cache"
+
+    listing = runs.runs_table(folder)
+    status = {line.split()[0]: line.split()[-1] for line in listing.splitlines()[1:]}
+    assert status == {"trial_000": "done", "trial_001": "pruned", "trial_003": "done"}
+
+
+def test_sweep_space_errors_name_the_key(tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text("optim.lrr: {log_uniform: [1e-5, 1e-3]}\n")
+    with pytest.raises(ConfigError, match=r"'optim\.lrr' is not a config key"):
+        sweep.read_space(space)
+    space.write_text("optim.lr: {log_uniform: [0, 1e-3]}\n")
+    with pytest.raises(ConfigError, match="lo > 0"):
+        sweep.read_space(space)
+    space.write_text("optim.lr: {log_uniform: [1e-5, 1e-3]}\nfinetune.lock_image: [true, false]\n")
+    kinds = [(p.key, p.kind) for p in sweep.read_space(space)]
+    assert kinds == [("optim.lr", "log_uniform"), ("finetune.lock_image", "choice")]
+
+
+def _fail(trainer):
+    raise RuntimeError("disk on fire")
+
+
+def _interrupt(trainer):
+    raise KeyboardInterrupt
+
+
+@pytest.mark.slow
+def test_runs_table_says_done_interrupted_and_failed(shapes, tmp_path, capsys):
+    out = tmp_path / "runs"
+    cliptune.finetune(run_config(shapes, out, epochs=1), name="done")
+    with pytest.raises(KeyboardInterrupt):
+        cliptune.finetune(run_config(shapes, out, epochs=2), name="stopped", callbacks=(_interrupt,))
+    with pytest.raises(RuntimeError):
+        cliptune.finetune(run_config(shapes, out, epochs=2, optim__lr=2e-3), name="broken", callbacks=(_fail,))
+    # a SIGKILLed run: its status still says running, under a process id that no longer exists
+    status = json.loads((out / "broken" / "status.json").read_text())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    status["sessions"][-1].update(status="running", ended=None, pid=dead.pid)
+    status["status"] = "running"
+    (out / "killed").mkdir()
+    (out / "killed" / "config.yaml").write_text((out / "broken" / "config.yaml").read_text())
+    (out / "killed" / "status.json").write_text(json.dumps(status))
+
+    assert main(["runs", str(out)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split() == list(runs.COLUMNS)
+    status_of = {line.split()[0]: line.split()[-1] for line in lines[1:]}
+    assert status_of == {"broken": "failed", "done": "done", "killed": "interrupted", "stopped": "interrupted"}
+    done = next(line for line in lines if line.startswith("done"))
+    assert "1/1" in done and "val/mean_recall" not in done and "cliptune-tiny-vit" in done and "full" in done
+
+    assert main(["runs", str(out), "--compare", "done", str(out / "broken"), "--md"]) == 0
+    text = capsys.readouterr().out
+    assert "| metric | done | broken |" in text and "| val/mean_recall |" in text
+    assert "| optim.lr | 0.001 | 0.002 |" in text and "| train.epochs | 1 | 2 |" in text
+    assert main(["runs", str(out), "--compare", "nope"]) == 2
