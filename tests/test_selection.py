@@ -178,12 +178,32 @@ def test_mid_epoch_sigkill_resumes_to_the_uninterrupted_weights(shapes, tmp_path
 
 
 @pytest.mark.slow
-def test_keep_checkpoints_zero_trains_without_resume_checkpoints(shapes, tmp_path, caplog):
-    out = cliptune.finetune(run_config(shapes, tmp_path, epochs=2, train__keep_checkpoints=0))
+def test_keep_checkpoints_zero_and_evaluation_every_two_epochs(shapes, tmp_path, caplog):
+    cfg = run_config(shapes, tmp_path, epochs=3, train__keep_checkpoints=0, eval__every_epochs=2)
+    out = cliptune.finetune(cfg)
     folder = Path(out["run_dir"]) / "checkpoints"
     assert [p.name for p in folder.iterdir()] == ["best"], "only the selected weights are kept"
     assert "cannot be resumed" in caplog.text
-    assert (Path(out["run_dir"]) / "model" / "model.safetensors").is_file()
+    assert [e["epoch"] for e in out["evaluations"]] == [0, 2, 3], "every 2 epochs, and the end"
+
+
+@pytest.mark.slow
+def test_wise_select_picks_the_alpha_best_on_validation(shapes, tmp_path):
+    from cliptune.tuning.wise import interpolate
+
+    wise = {"eval__wise_alphas": [0.0, 0.5, 1.0], "eval__wise_select": True}
+    cfg = run_config(shapes, tmp_path, epochs=2, data__validation_split=0.25, **wise)
+    out = cliptune.finetune(cfg)
+    run = Path(out["run_dir"])
+    value = {float(a): r["validation"]["mean_recall"] for a, r in out["wise"].items()}
+    alpha = max(value, key=lambda a: (value[a], a))
+    assert out["selection"]["metric"] == "validation/mean_recall" and out["selection"]["wise_alpha"] == alpha
+    assert out["final"] == out["wise"][str(alpha)]
+    best = _weights(run / "checkpoints" / "best")
+    expected = interpolate(load_file(str(run / "initial.safetensors")), best, alpha)
+    saved = _weights(run / "model")
+    assert all(torch.equal(saved[k], expected[k]) for k in expected)
+    assert f"WiSE-FT: model/ is alpha {alpha:g}" in (run / "summary.md").read_text()
 
 
 def test_validation_loss_is_open_clips_loss_per_batch():
