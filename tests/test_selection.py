@@ -124,7 +124,7 @@ def _cadence_config(shapes: Path, out: Path) -> dict:
         out,
         epochs=3,
         eval__every_steps=5,
-        train__checkpoint_every_steps=4,
+        train__checkpoint_every_steps=3,
         finetune__ema_decay=0.9,
         runtime__log_every=1,
         data__validation_split=0.2,
@@ -133,12 +133,12 @@ def _cadence_config(shapes: Path, out: Path) -> dict:
 
 @pytest.mark.slow
 def test_mid_epoch_sigkill_resumes_to_the_uninterrupted_weights(shapes, tmp_path):
-    """Killed (SIGKILL) at step 11, after an evaluation at step 10 that the last checkpoint (step 8) has not seen."""
+    """Killed (SIGKILL) at step 11, after an evaluation at step 10 that the last checkpoint (step 9) has not seen."""
     whole = cliptune.finetune(_cadence_config(shapes, tmp_path / "whole"))
     whole_dir = Path(whole["run_dir"])
+    assert whole["run"]["steps"] == 12, "4 steps per epoch: 76 training images after the validation split"
     evals = [(r["epoch"], r["step"]) for r in _records(whole_dir / "metrics.jsonl")]
-    # every 5 steps, and at the end of training (step 18)
-    assert evals[::2] == [(0, 0), (0, 5), (1, 10), (2, 15), (3, 18)], "validation and val, every 5 steps and at the end"
+    assert evals[::2] == [(0, 0), (1, 5), (2, 10), (3, 12)], "validation and val, every 5 steps and at the end"
     evals = evals[::2]
 
     config = write_yaml(_cadence_config(shapes, tmp_path / "cut"), tmp_path / "c.yaml")
@@ -149,7 +149,7 @@ def test_mid_epoch_sigkill_resumes_to_the_uninterrupted_weights(shapes, tmp_path
     proc = subprocess.run([sys.executable, str(killer), "train", str(config)], capture_output=True, text=True, env=env)
     assert proc.returncode == -9, proc.stderr[-2000:]
     run = tmp_path / "cut" / "run"
-    assert latest_checkpoint(run / "checkpoints").name == "epoch_1_step_8"
+    assert latest_checkpoint(run / "checkpoints").name == "epoch_2_step_9"  # one batch into the third epoch
     resumed = subprocess.run(
         [sys.executable, "-m", "cliptune.cli", "train", str(config), "--resume"],
         capture_output=True,
@@ -157,7 +157,7 @@ def test_mid_epoch_sigkill_resumes_to_the_uninterrupted_weights(shapes, tmp_path
         env=env,
     )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    assert "resumed from" in resumed.stderr and "epoch_1_step_8" in resumed.stderr
+    assert "resumed from" in resumed.stderr and "epoch_2_step_9" in resumed.stderr
 
     results = json.loads((run / "results.json").read_text())
     assert results["final"] == whole["final"] and results["selection"] == whole["selection"]
