@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 import cliptune
 from cliptune.data.synthetic import SHAPES
+from cliptune.train.logging import step_losses
 
 WORLD = 2
 LABELS = "ddp_labels.txt"
@@ -119,7 +120,7 @@ def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
 
 
 def _losses(run: Path) -> list[float]:
-    return [json.loads(line)["loss"] for line in (run / "train.jsonl").read_text().splitlines()]
+    return step_losses(run)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ from cliptune.data.synthetic import SHAPES
 from cliptune.eval import Encoding, evaluate_zeroshot
 from cliptune.models import build_model
 from cliptune.models.classifier import ClassifierModel
+from cliptune.train.logging import step_losses
 from cliptune.train.setup import build_trainer
 
 TEMPLATES = ["a photo of a {}.", "a {} shape."]
@@ -71,7 +72,7 @@ def test_fsc_clip_with_the_local_loss_trains_and_reports_compositionality(shapes
     )
     results = cliptune.finetune(cfg)
     assert 0 <= results["final"]["comp"]["accuracy"] <= 100
-    losses = [json.loads(line)["loss"] for line in (tmp_path / "fsc" / "train.jsonl").read_text().splitlines()]
+    losses = step_losses(tmp_path / "fsc")
     assert all(torch.isfinite(torch.tensor(losses)))
     trainer = build_trainer(resolve_config(cfg, name="fsc-check"))
     assert trainer.objective.needs_tokens and trainer.dataset.fields[-2:] == ("negatives", "negative_mask")
@@ -172,7 +173,7 @@ def test_chunked_batches_train_like_whole_batches_for_other_objectives(shapes, t
     def losses(name: str, **train) -> list[float]:
         cfg = _config(shapes, tmp_path, name, loss=loss, train=train, runtime={"log_every": 1})
         cliptune.finetune(cfg)
-        return [json.loads(line)["loss"] for line in (tmp_path / name / "train.jsonl").read_text().splitlines()]
+        return step_losses(tmp_path / name)
 
     whole, chunked = losses("whole"), losses("chunked", chunk_size=5)
     torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), rtol=1e-4, atol=1e-5)

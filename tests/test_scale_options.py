@@ -1,13 +1,12 @@
 """Speed and memory options: activation checkpointing, torch.compile, channels-last, the global batch sampler."""
 
-import json
-
 import pytest
 import torch
 
 import cliptune
 from cliptune.models import build_model
 from cliptune.train.distributed import GlobalBatchSampler, World
+from cliptune.train.logging import step_losses
 from tests.helpers import CAPTIONS
 
 
@@ -64,7 +63,7 @@ def _run(shapes, tmp_path, name: str, **extra) -> dict:
         section, field = key.split("__")
         cfg[section][field] = value
     cliptune.finetune(cfg)
-    return [json.loads(line)["loss"] for line in (tmp_path / name / "train.jsonl").read_text().splitlines()]
+    return step_losses(tmp_path / name)
 
 
 @pytest.mark.slow

@@ -86,6 +86,11 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return records
 
 
+def step_losses(run_dir: Path) -> list[float]:
+    """The training loss of every logged step; train.jsonl also holds epoch means and validation losses."""
+    return [r["loss"] for r in read_jsonl(Path(run_dir) / TRAIN_LOG_FILE) if "loss" in r]
+
+
 def truncate_after(path: Path, step: int) -> None:
     """Drop records past `step`: a run killed after logging but before its checkpoint replays those steps."""
     if not path.is_file():
