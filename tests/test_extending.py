@@ -8,7 +8,6 @@ each for one step. The registries are restored afterwards, so other tests never 
 import copy
 import csv
 import importlib.util
-import json
 import re
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import cliptune
 from cliptune.config import ModelConfig
 from cliptune.losses import OBJECTIVES
 from cliptune.models import BACKENDS, build_model
+from cliptune.train.logging import step_losses
 from cliptune.tuning.strategies import STRATEGIES
 from tests.helpers import tiny_run
 
@@ -87,7 +87,7 @@ def train(shapes: Path, out: Path, **sections) -> Path:
     results = cliptune.finetune(cliptune.config.merge(cfg, sections))
     assert results["run"]["steps"] == 1
     run = Path(results["run_dir"])
-    losses = [json.loads(line)["loss"] for line in (run / "train.jsonl").read_text().splitlines()]
+    losses = step_losses(run)
     assert len(losses) == 1 and torch.isfinite(torch.tensor(losses)).all()
     return run
 

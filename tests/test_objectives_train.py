@@ -74,6 +74,11 @@ def test_fsc_clip_with_the_local_loss_trains_and_reports_compositionality(shapes
     assert 0 <= results["final"]["comp"]["accuracy"] <= 100
     losses = step_losses(tmp_path / "fsc")
     assert all(torch.isfinite(torch.tensor(losses)))
+    # every term is logged apart, and the logged loss is their weighted sum (weights: loss.global_weight, local_weight)
+    records = [r for r in map(json.loads, (tmp_path / "fsc" / "train.jsonl").read_text().splitlines()) if "loss" in r]
+    for r in records:
+        total = r["loss/negclip"] + 0.5 * r["loss/global_hn"] + 0.2 * r["loss/local_hn"]
+        assert total == pytest.approx(r["loss"], rel=1e-5)
     trainer = build_trainer(resolve_config(cfg, name="fsc-check"))
     assert trainer.objective.needs_tokens and trainer.dataset.fields[-2:] == ("negatives", "negative_mask")
 
@@ -176,4 +181,8 @@ def test_chunked_batches_train_like_whole_batches_for_other_objectives(shapes, t
         return step_losses(tmp_path / name)
 
     whole, chunked = losses("whole"), losses("chunked", chunk_size=5)
+    if loss["name"] == "siglip":  # the bias the objective owns is logged beside the loss, from its initial -10
+        records = map(json.loads, (tmp_path / "whole" / "train.jsonl").read_text().splitlines())
+        biases = [r["logit_bias"] for r in records if "loss" in r]
+        assert biases[0] == pytest.approx(-10.0, abs=0.01) and len(set(biases)) > 1
     torch.testing.assert_close(torch.tensor(chunked), torch.tensor(whole), rtol=1e-4, atol=1e-5)

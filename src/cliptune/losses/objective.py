@@ -83,7 +83,12 @@ class ObjectiveSpec:
 
 
 class Objective(nn.Module):
-    """The configured training objective (`OBJECTIVES[cfg.name]`) with the parameters it owns."""
+    """The configured training objective (`OBJECTIVES[cfg.name]`) with the parameters it owns.
+
+    `logged` holds what the last batch's loss function recorded besides the total (`record`): its separate terms
+    as `loss/NAME` (FSC-CLIP's negclip, global and local hard-negative losses, unweighted) and values such as
+    SigLIP's `logit_bias`; the training log writes them beside the loss.
+    """
 
     def __init__(self, cfg: LossConfig, model: ClipModel) -> None:
         super().__init__()
@@ -91,6 +96,10 @@ class Objective(nn.Module):
         self.spec = OBJECTIVES[cfg.name]
         for name, param in self.spec.parameters(cfg, model).items():
             self.register_parameter(name, param)
+        self.logged: dict[str, torch.Tensor] = {}
+
+    def record(self, key: str, value: torch.Tensor) -> None:
+        self.logged[key] = value.detach()
 
     @property
     def needs_groups(self) -> bool:
@@ -112,12 +121,14 @@ class Objective(nn.Module):
         """Loss of a batch from its normalised features; `text` holds the captions then their negatives."""
         if self.spec.uses_text and text is None:
             raise ValueError(f"loss.name {self.name}: the objective needs the text features of the batch")
+        self.logged = {}
         return self.spec.loss(self, model, image, text, extras)
 
     def dense(self, model: ClipModel, dense: Dense, extras: Extras) -> torch.Tensor:
         """The loss on pooled and token features (FSC-CLIP with its local loss)."""
         if self.spec.token_loss is None:
             raise ValueError(f"loss.name {self.name}: the objective has no loss on token features")
+        self.logged = {}
         return self.spec.token_loss(self, model, dense, extras)
 
 
@@ -149,6 +160,7 @@ def _siglip_bias(cfg: LossConfig, model: ClipModel) -> dict[str, nn.Parameter]:
 def _siglip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
     own = obj._parameters.get("logit_bias")
     bias = own if own is not None else model.logit_bias
+    obj.record("logit_bias", bias)
     return siglip_loss(image, text, _scale(model), bias.float())
 
 
@@ -173,9 +185,12 @@ def _fsc(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tens
     positives, negatives, mask = _split(text, extras)
     scale = _scale(model)
     loss = negclip_loss(image, positives, scale, negatives, mask)
+    obj.record("loss/negclip", loss)
     if obj.cfg.global_weight:
         gamma, eps = obj.cfg.focal_gamma, obj.cfg.negative_smoothing
-        loss = loss + obj.cfg.global_weight * global_hn_loss(image, positives, negatives, mask, scale, gamma, eps)
+        global_hn = global_hn_loss(image, positives, negatives, mask, scale, gamma, eps)
+        obj.record("loss/global_hn", global_hn)
+        loss = loss + obj.cfg.global_weight * global_hn
     return loss
 
 
@@ -197,6 +212,7 @@ def _fsc_tokens(obj: Objective, model: ClipModel, dense: Dense, extras: Extras) 
         obj.cfg.focal_gamma,
         obj.cfg.negative_smoothing,
     )
+    obj.record("loss/local_hn", local)
     return loss + obj.cfg.local_weight * local
 
 

@@ -189,6 +189,7 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
                     "lr": lr,
                     "logit_scale": math.exp(trainer.model.logit_scale.item()),
                     "samples_per_s": rate,
+                    **{key: value.item() for key, value in trainer.objective.logged.items()},
                 }
             )
         if _mid_epoch(trainer):
