@@ -246,8 +246,9 @@ class MixupConfig:
     switch_prob: float = _doc(0.5, "with both on: probability of cutmix instead of mixup")
 
     def __post_init__(self) -> None:
-        if self.mixup_alpha < 0 or self.cutmix_alpha < 0:
-            raise ConfigError("data.mixup: mixup_alpha and cutmix_alpha must be >= 0 (0 turns each off)")
+        for name in ("mixup_alpha", "cutmix_alpha"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"data.mixup.{name} must be >= 0 (0 turns it off), got {getattr(self, name)}")
         _range_pair("data.mixup.cutmix_minmax", self.cutmix_minmax, upper=1.0)
         _unit_interval("data.mixup.prob", self.prob)
         _unit_interval("data.mixup.switch_prob", self.switch_prob)
