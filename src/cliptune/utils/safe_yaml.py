@@ -65,10 +65,19 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:int", _StrictLoader.construct_y
 _StrictLoader.add_constructor("tag:yaml.org,2002:float", _StrictLoader.construct_yaml_float)
 
 
+def _load_one(text: str) -> Any:
+    # What yaml.load does, with _StrictLoader (a SafeLoader subclass: no Python tags) as the only loader.
+    loader = _StrictLoader(text)
+    try:
+        return loader.get_single_data()
+    finally:
+        loader.dispose()
+
+
 def loads(text: str, source: str) -> Any:
     """Plain data (dicts, lists, scalars) from one YAML document; `source` names it in errors."""
     try:
-        return yaml.load(text, Loader=_StrictLoader)  # _StrictLoader is a SafeLoader: no Python tags
+        return _load_one(text)
     except yaml.MarkedYAMLError as e:
         mark = e.problem_mark or e.context_mark
         where = f"{source}, line {mark.line + 1}, column {mark.column + 1}" if mark else source
