@@ -10,6 +10,7 @@ from pathlib import Path
 from cliptune.config import ConfigError
 from cliptune.utils.files import atomic_write
 from cliptune.utils.lock import FolderInUseError
+from cliptune.utils.memory import keep_freed_memory
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -313,6 +314,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "compositionality":
         args.options = [*unknown, *args.options]
+    keep_freed_memory()  # 4.7x faster CPU convolutions; see utils/memory.py
     try:
         return args.func(args)
     except (ConfigError, ValueError, OSError, FolderInUseError) as e:  # the project's errors are ValueError subclasses

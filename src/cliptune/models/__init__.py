@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any, NamedTuple
 
 from cliptune.config import ModelConfig
-from cliptune.models import openclip
 from cliptune.models.base import ClipModel, Tower
 from cliptune.models.errors import ModelError
 from cliptune.models.io import load_model, save_model
@@ -20,7 +19,8 @@ class Backend(NamedTuple):
 
 
 def _lazy(module: str) -> Backend:
-    # transformers and the tower libraries are slow to import: load a backend's module only when it is used.
+    # open_clip, transformers and the tower libraries are slow to import (seconds each): load a backend's module only
+    # when it is used.
     def load() -> Any:
         return importlib.import_module(f"cliptune.models.{module}")
 
@@ -29,7 +29,7 @@ def _lazy(module: str) -> Backend:
 
 # backend name (`model.backend`) -> its builders. A new backend adds one line here and one module beside it.
 BACKENDS: dict[str, Backend] = {
-    "openclip": Backend(openclip.build, openclip.rebuild),
+    "openclip": _lazy("openclip"),
     "hf": _lazy("hf"),
     "composed": _lazy("composed"),
 }
