@@ -7,6 +7,7 @@ import torch
 
 from cliptune.config import ModelConfig
 from cliptune.data.synthetic import make_shapes
+from cliptune.utils.memory import keep_freed_memory
 from tests.helpers import every_backend, save_tiny_bert
 
 
@@ -17,6 +18,12 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def heap_memory():
+    """As in the CLI: large tensors reuse freed heap memory instead of page-faulting in fresh mappings."""
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="module")
