@@ -26,9 +26,10 @@ from cliptune.tuning.lora import (
 from tests.helpers import HF_CAPTIONS
 
 BACKENDS = ["openclip-vit", "openclip-rn", "hf-clip", "hf-siglip", "composed"]
-# Every attention and MLP projection on every backend: the defaults, HF CLIP/SigLIP's `self_attn` and the
-# attention pooling of OpenCLIP's ResNet (whole components: `attn` matches neither).
-TARGETS = [*LoraConfig().targets, "self_attn", "attnpool"]
+# `finetune.lora.targets`' default before each backend answered for its own (`ClipModel.lora_targets`): every
+# attention and MLP projection on every backend, HF CLIP/SigLIP's `self_attn` and the attention pooling of
+# OpenCLIP's ResNet included (whole components: `attn` matches neither).
+TARGETS = ["attn", "mlp", "attention", "self_attn", "attnpool", "intermediate", "output.dense"]
 # Towers that get adapters with TARGETS: the composed model's timm ResNet has no Linear or attention layer.
 ADAPTED = {name: {"image", "text"} for name in BACKENDS} | {"composed": {"text"}}
 
@@ -248,6 +249,20 @@ def test_targets_in_one_tower_leave_the_other_as_it_is(make, caplog):
     adapted = apply_lora(model, lora(towers=["text"]))
     assert adapted and all(n.startswith("model.text_model.") for n in adapted)
     assert all(p.requires_grad for p in model.tower_parameters("image").values())
+
+
+@pytest.mark.parametrize("name", BACKENDS)
+def test_each_backend_default_targets_adapt_what_the_former_default_list_did(make, name):
+    before = apply_lora(make(name), lora())  # the fixed list above
+    assert before and apply_lora(make(name), lora(targets=[])) == before
+    # a wrapper answers with its base model's targets
+    assert apply_lora(with_heads(make(name)), lora(targets=[])) == apply_lora(with_heads(make(name)), lora())
+
+
+def with_heads(model):
+    from cliptune.models.heads import HeadedModel
+
+    return HeadedModel(model, "mlp")
 
 
 def test_patterns_match_whole_dotted_components(make):

@@ -326,8 +326,9 @@ class LoraConfig:
     alpha: float = _doc(16.0, "scale of the adapter update is alpha / rank")
     dropout: float = _doc(0.0, "dropout on the adapter input")
     targets: list[str] = _doc(
-        doc="module-name patterns (whole dotted components) that get adapters",
-        default_factory=lambda: ["attn", "mlp", "attention", "self_attn", "attnpool", "intermediate", "output.dense"],
+        doc="module-name patterns (whole dotted components) that get adapters; empty: the backend's own "
+        "attention and MLP blocks",
+        default_factory=list,
     )
     towers: list[str] = _doc(doc="towers that get adapters (image, text)", default_factory=lambda: ["image", "text"])
 

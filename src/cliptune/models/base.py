@@ -23,6 +23,11 @@ TOWERS: tuple[Tower, ...] = ("image", "text", "shared")  # every tower a paramet
 ENCODERS: tuple[Tower, Tower] = ("image", "text")  # the towers that encode something (and can be locked)
 # Leading name components that torch's own wrappers add: DistributedDataParallel / DataParallel, torch.compile.
 TORCH_WRAPPERS = ("module", "_orig_mod")
+# Names (whole dotted components) that timm and Hugging Face transformers give the attention and MLP blocks whose
+# projections LoRA adapts: timm's `attn` / `mlp`; CLIP/SigLIP-style `self_attn` / `mlp` (and SigLIP's pooling
+# `attention`); BERT/ViT-style `attention`, `intermediate` and the block's `output.dense`.
+TIMM_LORA_TARGETS: tuple[str, ...] = ("attn", "mlp")
+HF_LORA_TARGETS: tuple[str, ...] = ("attention", "self_attn", "mlp", "intermediate", "output.dense")
 
 
 def strip_components(name: str, components: tuple[str, ...] | frozenset[str]) -> str:
@@ -148,8 +153,8 @@ class ClipModel(nn.Module):
     Optional hooks, each with a documented default, through which a backend answers for itself whatever training
     and tuning need to know about it (code outside `models/` never asks for a backend's class or library):
     `logit_bias` (None), `recognise_layers` / `layer_groups` (layer-wise lr decay), `text_path` (prompt tuning),
-    `weight_readers` (LoRA), `containers` (display names), `has_trunk` / `trunk` / `head` (caching a locked
-    tower), `check_dense_tokens` (FSC-CLIP's local loss).
+    `weight_readers` / `lora_targets` (LoRA), `containers` (display names), `has_trunk` / `trunk` / `head`
+    (caching a locked tower), `check_dense_tokens` (FSC-CLIP's local loss).
     """
 
     backend: str = ""
@@ -308,6 +313,12 @@ class ClipModel(nn.Module):
         """Module types that read their child Linears' `.weight` instead of calling them (LoRA adapts those in
         weight space, `cliptune.tuning.lora`). Default: `nn.MultiheadAttention` (it reads `out_proj.weight`)."""
         return (nn.MultiheadAttention,)
+
+    def lora_targets(self) -> tuple[str, ...]:
+        """Module-name patterns (whole dotted components) whose Linear / attention layers get LoRA adapters when
+        `finetune.lora.targets` is left empty (`cliptune.tuning.lora`). Default: the attention and MLP blocks of
+        towers built from timm and Hugging Face transformers (`TIMM_LORA_TARGETS`, `HF_LORA_TARGETS`)."""
+        return tuple(dict.fromkeys((*TIMM_LORA_TARGETS, *HF_LORA_TARGETS)))
 
     def has_trunk(self, tower: Tower) -> bool:
         """Whether `tower` splits into a trunk and a head (`trunk` / `head`), so a locked trunk's outputs can be

@@ -186,6 +186,11 @@ class HFClipModel(ClipModel):
     def text_path(self) -> TextPath:
         return HFText(self)
 
+    def lora_targets(self) -> tuple[str, ...]:
+        # CLIP and SigLIP encoder layers: `self_attn` (q/k/v/out_proj), `mlp` (fc1, fc2); SigLIP's attention-pooling
+        # head: `attention` (an nn.MultiheadAttention) and its `mlp`.
+        return ("self_attn", "mlp", "attention")
+
     def tower_modules(self, tower: Tower) -> list[nn.Module]:
         modules = (getattr(self.model, attr, None) for attr in _TOWER_ATTRS.get(tower, ()))
         return [m for m in modules if isinstance(m, nn.Module)]

@@ -18,6 +18,7 @@ import open_clip
 import torch
 import torch.nn.functional as F
 from open_clip.factory import parse_model_name
+from open_clip.hf_model import HFTextEncoder
 from open_clip.model import resize_pos_embed
 from open_clip.modified_resnet import AttentionPool2d
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
@@ -26,6 +27,7 @@ from torch import nn
 from cliptune.config import ModelConfig
 from cliptune.models.base import (
     DROP_PATH_SUPPORT,
+    HF_LORA_TARGETS,
     IMAGE_SIZE_SUPPORT,
     ClipModel,
     HFExport,
@@ -171,6 +173,13 @@ class OpenClipModel(ClipModel):
     def weight_readers(self) -> tuple[type[nn.Module], ...]:
         # The ResNet's attention pooling reads its q/k/v/c_proj weights instead of calling those Linears.
         return (*super().weight_readers(), AttentionPool2d)
+
+    def lora_targets(self) -> tuple[str, ...]:
+        # open_clip's transformer blocks (`attn`, `mlp`), the ResNet's attention pooling (`attnpool`) and timm image
+        # trunks share names; a Hugging Face text tower (e.g. xlm-roberta models) brings its own.
+        own = ("attn", "mlp", "attnpool")
+        text = getattr(self.model, "text", None)
+        return (*own, *(t for t in HF_LORA_TARGETS if t not in own)) if isinstance(text, HFTextEncoder) else own
 
     def tower_modules(self, tower: Tower) -> list[nn.Module]:
         if tower == "image":

@@ -84,6 +84,9 @@ class WrappedModel(ClipModel):
     def weight_readers(self) -> tuple[type[nn.Module], ...]:
         return self.base.weight_readers()
 
+    def lora_targets(self) -> tuple[str, ...]:
+        return self.base.lora_targets()
+
     def has_trunk(self, tower: Tower) -> bool:
         return self.base.has_trunk(tower)
 

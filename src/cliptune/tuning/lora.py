@@ -15,7 +15,8 @@ Two kinds of adapter, because projections are used in two ways:
   blocks, SigLIP's attention-pooling head) passes its raw `in_proj_weight` (q, k and v stacked, 3d x d) and
   `out_proj.weight` to `F.multi_head_attention_forward` and never calls `out_proj`; OpenCLIP's ResNet `attnpool`
   does the same with its q/k/v/c_proj Linear weights. Which module types read weights, the model says
-  (`ClipModel.weight_readers`). The base weight keeps its name and state-dict key; the
+  (`ClipModel.weight_readers`), as it says which modules to adapt when `finetune.lora.targets` is empty
+  (`ClipModel.lora_targets`). The base weight keeps its name and state-dict key; the
   adapter is `<module>.lora_weights.<weight name>.lora_A` / `.lora_B`. The in-projection gets one rank-`rank`
   adapter per q, k and v (A: 3 x rank x d, B: 3 x d x rank), as separate q/k/v Linears get elsewhere, so a rank
   means the same on every backend. Input dropout cannot be expressed in weight space: `dropout` applies to the
@@ -197,19 +198,25 @@ def _check_config(cfg: LoraConfig) -> None:
         raise ValueError(f"finetune.lora.dropout: {cfg.dropout!r} must be in [0, 1)")
     if not cfg.towers or any(t not in ENCODERS for t in cfg.towers):
         raise ValueError(f"finetune.lora.towers: {cfg.towers!r}; use a non-empty list of {', '.join(ENCODERS)}")
-    if not cfg.targets or any(not str(t).strip(". ") for t in cfg.targets):
+    if any(not str(t).strip(". ") for t in cfg.targets):
         raise ValueError(f"{_TARGETS_KEY}: {cfg.targets!r}; give module-name patterns such as attn, mlp")
+
+
+def targets(model: ClipModel, cfg: LoraConfig) -> list[str]:
+    """The module-name patterns that get adapters: `finetune.lora.targets`, or where empty the model's own."""
+    return list(cfg.targets) or list(model.lora_targets())
 
 
 def _plan(model: ClipModel, cfg: LoraConfig) -> tuple[dict[str, Tower], dict[str, Tower], dict[str, Tower]]:
     """(peft Linear targets, whole MHAs, weight-read Linears), each module name -> its tower."""
+    patterns = targets(model, cfg)
     readers = model.weight_readers()
     modules = dict(model.named_modules())
     linear: dict[str, Tower] = {}
     mha: dict[str, Tower] = {}
     read: dict[str, Tower] = {}
     for name, module in modules.items():
-        if not isinstance(module, (nn.Linear, nn.MultiheadAttention)) or not any(matches(name, p) for p in cfg.targets):
+        if not isinstance(module, (nn.Linear, nn.MultiheadAttention)) or not any(matches(name, p) for p in patterns):
             continue
         tower = _module_tower(model, name, module)
         if tower not in cfg.towers:
@@ -233,7 +240,7 @@ def _no_match(model: ClipModel, cfg: LoraConfig) -> ValueError:
             examples.setdefault(re.sub(r"\.\d+(?=\.|$)", ".N", name), name)  # one example per repeated block
     listed = ", ".join(list(examples.values())[:8]) or "(none: these towers have no Linear or attention layers)"
     return ValueError(
-        f"{_TARGETS_KEY}: {list(cfg.targets)!r} matched no nn.Linear or nn.MultiheadAttention in the "
+        f"{_TARGETS_KEY}: {targets(model, cfg)!r} matched no nn.Linear or nn.MultiheadAttention in the "
         f"{' and '.join(cfg.towers)} tower(s); patterns match whole dotted name components. "
         f"Modules there include: {listed}"
     )
