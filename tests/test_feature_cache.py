@@ -2,6 +2,7 @@
 
 import dataclasses
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -85,8 +86,39 @@ def test_fingerprint_changes_with_the_tower_weights(bert_dir, tmp_path):
     with torch.no_grad():
         next(model.tower_modules("image")[0].parameters()).add_(1.0)
     assert tower_fingerprint(model, "image") != before[0] and tower_fingerprint(model, "text") == before[1]
+    assert tower_fingerprint(model, "image", "bf16") != tower_fingerprint(model, "image")  # bf16 outputs differ
     store = FeatureStore(tmp_path)
     store.save("fp", {"t:a": torch.ones(3), "t:b": torch.zeros(3)})
     loaded = store.load("fp")
     assert list(loaded) == ["t:a", "t:b"] and torch.equal(loaded["t:a"], torch.ones(3))
     assert store.load("other") == {}
+
+
+def test_index_reuses_a_runs_image_trunks(shapes, bert_dir, tmp_path, trunk_calls):
+    """An index built with a run's feature cache only runs the head over stored images; results are unchanged."""
+    cache = tmp_path / "cache"
+    cliptune.finetune(composed_run(shapes, bert_dir, tmp_path / "runs", feature_cache=str(cache)))
+    model = tmp_path / "runs" / "run"
+    stored = trunk_calls["image"]
+    (tmp_path / "new").mkdir()
+    new = [
+        shutil.copy(p, tmp_path / "new" / f"copy{i}.png") for i, p in enumerate(sorted(shapes.glob("images/*"))[:10])
+    ]
+    val = read_caption_table(TableSpec(path=str(shapes / "val.csv"))).images
+    listing = tmp_path / "images.txt"  # the val images (in the store) and 10 new files, one of them twice
+    listing.write_text("\n".join(map(str, [*val, *new, new[0]])) + "\n")
+    trunk_calls["image"] = 0
+    cached = cliptune.Index.build(model, listing, tmp_path / "cached", feature_cache=cache, batch_size=8)
+    assert trunk_calls["image"] == 10, "stored images went through the trunk again"
+    plain = cliptune.Index.build(model, listing, tmp_path / "plain", batch_size=8)
+    assert cached.meta["path"] == plain.meta["path"] and cached.meta["width"] == plain.meta["width"]
+    ids = range(len(plain))
+    torch.testing.assert_close(
+        torch.stack([torch.as_tensor(cached.embedding(i)) for i in ids]),
+        torch.stack([torch.as_tensor(plain.embedding(i)) for i in ids]),
+        atol=1e-6,
+        rtol=0,
+    )
+    trunk_calls["image"] = 0  # the new images are in the store now
+    cliptune.Index.build(model, listing, tmp_path / "again", feature_cache=cache)
+    assert trunk_calls["image"] == 0 and stored > 0

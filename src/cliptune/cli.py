@@ -288,6 +288,11 @@ def _search_commands(sub: argparse._SubParsersAction) -> None:
     index.add_argument("--batch-size", type=int, default=64)
     index.add_argument("--workers", type=int, default=None, help="image decoding processes (default: up to 4)")
     index.add_argument("--add", action="store_true", help="update: encode new and changed images, drop deleted")
+    index.add_argument(
+        "--feature-cache",
+        default=None,
+        help="a training run's runtime.feature_cache: images whose locked image-trunk outputs are there skip the trunk",
+    )
     index.set_defaults(func=_index, on_interrupt="run the same command again to continue where it stopped")
     search = sub.add_parser("search", help="the images of an index nearest to a text or an image")
     search.add_argument("--index", required=True, help="index folder written by `cliptune index`")

@@ -78,7 +78,7 @@ class Encoding:
         self.store = store
         # keyed by image file (path, size, mtime) or caption text; in-memory images are never cached
         self.memo: dict[Tower, dict[str, torch.Tensor]] = {"image": {}, "text": {}}
-        self.fingerprints = {t: tower_fingerprint(model, t) for t in self.cached} if store else {}
+        self.fingerprints = {t: tower_fingerprint(model, t, precision) for t in self.cached} if store else {}
         for tower, fingerprint in self.fingerprints.items():
             self.memo[tower] = store.load(fingerprint)
 

@@ -19,8 +19,10 @@ from cliptune.models.base import ClipModel, Tower
 from cliptune.utils.files import atomic_write, remove_stale_temporaries
 
 
-def tower_fingerprint(model: ClipModel, tower: Tower) -> str:
-    digest = hashlib.sha1(tower.encode())
+def tower_fingerprint(model: ClipModel, tower: Tower, precision: str = "fp32") -> str:
+    """Names what a tower computes: its weights, its image transform or tokenizer, and a precision other than fp32
+    (bf16 outputs are not fp32 outputs)."""
+    digest = hashlib.sha1(tower.encode() if precision == "fp32" else f"{tower}:{precision}".encode())
     for module in model.tower_modules(tower):
         for name, value in sorted(module.state_dict().items()):
             digest.update(name.encode())

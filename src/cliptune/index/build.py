@@ -25,6 +25,7 @@ from tqdm import tqdm
 from cliptune.data import DataError
 from cliptune.data.images import log_skipped, to_rgb
 from cliptune.eval.encode import channels_last, default_workers, model_device
+from cliptune.eval.feature_store import FeatureStore, input_key, tower_fingerprint
 from cliptune.index import ann, store
 from cliptune.index.sources import Item, Source, file_key, open_item, read_source
 from cliptune.models import ClipModel
@@ -74,11 +75,58 @@ def check_model(expected: dict[str, Any], model: dict[str, Any], where: Path) ->
         )
 
 
-class _Images(Dataset):
-    """(pixels, width, height) per item, or None for an image that cannot be read (skipped and named)."""
+class Trunks:
+    """Image trunk outputs shared with training runs through their feature cache (`runtime.feature_cache`).
 
-    def __init__(self, items: Sequence[Item], roots: list[Path], transform: Any) -> None:
-        self.items, self.roots, self.transform = list(items), frozenset(roots), transform
+    A run with a locked image tower has already sent its images through the trunk; an index of the same images with
+    the run's model (or any model with the same trunk weights and transform: the store is keyed by their
+    fingerprint, and by each file's path, size and mtime) then only applies the head. Images new to the store are
+    encoded as usual and added to it.
+    """
+
+    def __init__(self, model: ClipModel, folder: str | Path, precision: str) -> None:
+        self.model, self.store = model, FeatureStore(folder)
+        self.fingerprint = tower_fingerprint(model, "image", precision)
+        self.memo = self.store.load(self.fingerprint)
+        self.added = 0
+
+    @staticmethod
+    def key(item: Item) -> str | None:
+        return input_key(item.file, "image") if item.offset < 0 else None  # tar members are not cached
+
+    def known(self, item: Item) -> bool:
+        return self.key(item) in self.memo
+
+    def embed(
+        self, items: Sequence[Item], stored: Sequence[bool], pixels: torch.Tensor | None, layout: torch.memory_format
+    ) -> torch.Tensor:
+        """Unnormalised embeddings: stored trunk outputs, or the trunk over `pixels` (the other items, in order)."""
+        device = model_device(self.model)
+        fresh: Iterator[torch.Tensor] = iter(())
+        if pixels is not None:
+            fresh = iter(self.model.trunk("image", pixels.to(device, memory_format=layout)).float().cpu())
+        rows = []
+        for item, known in zip(items, stored):
+            key = self.key(item)
+            row = self.memo[key] if known else next(fresh)
+            if key is not None and not known:
+                self.memo[key], self.added = row, self.added + 1
+            rows.append(row)
+        return self.model.head("image", torch.stack(rows).to(device))
+
+    def save(self) -> None:
+        if self.added:
+            self.store.save(self.fingerprint, self.memo)
+
+
+class _Images(Dataset):
+    """(pixels, width, height) per item, or None for an image that cannot be read (skipped and named).
+
+    Items in `stored` only need their size: their trunk outputs are known, so no pixels (an empty tensor).
+    """
+
+    def __init__(self, items: Sequence[Item], roots: list[Path], transform: Any, stored: frozenset[int]) -> None:
+        self.items, self.roots, self.transform, self.stored = list(items), frozenset(roots), transform, stored
 
     def __len__(self) -> int:
         return len(self.items)
@@ -86,6 +134,8 @@ class _Images(Dataset):
     def __getitem__(self, index: int) -> tuple[int, torch.Tensor, int, int] | tuple[int, None, int, int]:
         try:
             with open_item(self.items[index], self.roots) as image:
+                if index in self.stored:  # the header gives the size; nothing is decoded
+                    return index, torch.empty(0), image.width, image.height
                 image.load()
                 rgb = to_rgb(image)
             return index, self.transform(rgb), rgb.width, rgb.height
@@ -96,7 +146,8 @@ class _Images(Dataset):
 def _collate(batch: list[tuple]) -> tuple[list[int], torch.Tensor | None, list[tuple[int, int]], list[int]]:
     ok = [b for b in batch if b[1] is not None]
     failed = [b[0] for b in batch if b[1] is None]
-    pixels = torch.stack([b[1] for b in ok]) if ok else None
+    decoded = [b[1] for b in ok if b[1].numel()]
+    pixels = torch.stack(decoded) if decoded else None
     return [b[0] for b in ok], pixels, [(b[2], b[3]) for b in ok], failed
 
 
@@ -109,11 +160,13 @@ def encode_chunks(
     workers: int | None,
     chunk_size: int,
     precision: str = "fp32",
+    trunks: Trunks | None = None,
 ) -> list[str]:
     """Encode `todo` into chunk files under `out/chunks`; returns the paths of images that could not be read."""
-    workers = default_workers(len(todo), batch_size) if workers is None else workers
+    stored = frozenset(i for i, item in enumerate(todo) if trunks is not None and trunks.known(item))
+    workers = default_workers(len(todo) - len(stored), batch_size) if workers is None else workers
     loader = DataLoader(
-        _Images(todo, roots, model.eval_transform),
+        _Images(todo, roots, model.eval_transform, stored),
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
@@ -125,9 +178,12 @@ def encode_chunks(
     with bar, channels_last(model, images=True) as layout:
         for ids, pixels, sizes, bad in loader:
             failed += [todo[i].path for i in bad]
-            if pixels is not None:
+            if ids:
                 with torch.no_grad(), autocast(device, precision):
-                    emb = model.encode_image(pixels.to(device, memory_format=layout)).float()
+                    if trunks is not None:
+                        emb = trunks.embed([todo[i] for i in ids], [i in stored for i in ids], pixels, layout).float()
+                    else:
+                        emb = model.encode_image(pixels.to(device, memory_format=layout)).float()
                 pending.append((ids, sizes, torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()))
             if sum(len(p[0]) for p in pending) >= chunk_size:
                 _write_chunk(out, todo, pending)
@@ -135,6 +191,8 @@ def encode_chunks(
             bar.update(len(ids) + len(bad))
     if pending:
         _write_chunk(out, todo, pending)
+    if trunks is not None:
+        trunks.save()
     return failed
 
 
@@ -225,8 +283,13 @@ def build_index(
     add: bool = False,
     exact_max: int = ann.EXACT_MAX,
     chunk_size: int = 1024,
+    feature_cache: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Build, continue or (`add`) update the index at `out` over `images`; returns index.json's content."""
+    """Build, continue or (`add`) update the index at `out` over `images`; returns index.json's content.
+
+    `feature_cache`: a training run's locked-tower store (`runtime.feature_cache`), for models whose image tower
+    splits into trunk and head: images already there skip the trunk, new ones are added to it.
+    """
     out = Path(out).expanduser()
     identity = model_identity(model, model_name)
     source = read_source(images)
@@ -241,6 +304,12 @@ def build_index(
         len(todo),
     )
     model.eval()
-    failed = encode_chunks(model, todo, source.roots, out, batch_size, workers, max(chunk_size, batch_size))
+    trunks = Trunks(model, feature_cache, "fp32") if feature_cache and model.has_trunk("image") else None
+    if feature_cache and trunks is None:
+        logger.info("%s: the model's image tower has no separate trunk; --feature-cache is not used", feature_cache)
+    elif trunks is not None:
+        logger.info("%s: %d of the images' trunk outputs are stored", feature_cache, sum(map(trunks.known, todo)))
+    chunk = max(chunk_size, batch_size)
+    failed = encode_chunks(model, todo, source.roots, out, batch_size, workers, chunk, trunks=trunks)
     log_skipped(Path(str(images)), failed, len(source.items))
     return _finish(out, source, identity, source.skipped + failed, exact_max)

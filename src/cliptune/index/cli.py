@@ -9,7 +9,12 @@ from cliptune.index.index import Index
 
 
 def index(args: argparse.Namespace) -> int:
-    options = {"batch_size": args.batch_size, "workers": args.workers, "add": args.add}
+    options = {
+        "batch_size": args.batch_size,
+        "workers": args.workers,
+        "add": args.add,
+        "feature_cache": args.feature_cache,
+    }
     idx = Index.build(args.model, args.images, args.out, **options)
     ann = idx.info["ann"]
     quality = "exact" if ann["kind"] == "Flat" else f"recall@10 {ann['recall_at_10']:.3f} at nprobe {ann['nprobe']}"

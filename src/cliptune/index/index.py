@@ -82,7 +82,9 @@ class Index:
     def build(cls, model: ModelArg, images: str | Path, out: str | Path, **options: Any) -> Index:
         """Encode `images` (folder, caption table, list file or shards) with `model` into a new index at `out`.
 
-        Options: batch_size, workers, add (update an existing index), exact_max (largest exact faiss index).
+        Options: batch_size, workers, add (update an existing index), exact_max (largest exact faiss index),
+        feature_cache (a training run's `runtime.feature_cache`: images whose locked trunk outputs are stored there
+        only go through the head).
         """
         clip = model.model if isinstance(model, Encoder) else load_any(model)
         build.build_index(clip, _model_name(model), images, out, **options)
