@@ -38,6 +38,7 @@ from cliptune.eval.encode import Encoding
 from cliptune.index import Index, ann
 from cliptune.inference import load_any
 from cliptune.models.towers import POOLING
+from cliptune.utils.memory import keep_freed_memory
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "openclipart"
 
@@ -318,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sections", nargs="+", default=["build", "encoding", "ann", "page"])
     parser.add_argument("--no-write", action="store_true", help="print only; leave RESULTS.md alone")
     args = parser.parse_args(argv)
+    keep_freed_memory()  # as cliptune's commands do (benchmarks/heap.py)
     logging.disable(logging.INFO)
     images = clipart(args.data / "val.csv", args.images)[0]
     captions = clipart(args.data / "train.csv", 0)[1][: args.captions]
