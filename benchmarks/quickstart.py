@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cliptune
 from cliptune import config as config_mod
+from cliptune.utils.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import machine, write_section
@@ -40,6 +41,7 @@ def timed_run(overrides: list[str]) -> tuple[dict, float]:
 
 def main() -> int:
     skip_uncached = "--skip-uncached" in sys.argv[1:]
+    keep_freed_memory()  # as `cliptune train` does (benchmarks/heap.py)
     logging.disable(logging.INFO)
     epochs = config_mod.load(CONFIG).train.epochs
     work = Path(tempfile.mkdtemp(prefix="cliptune-bench-"))
