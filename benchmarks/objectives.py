@@ -48,7 +48,7 @@ from cliptune.data.fashion_mnist import build_fashion_mnist
 from cliptune.data.negatives import NegativeGenerator
 from cliptune.eval import Encoding, EvalSuite
 from cliptune.eval.compositionality import build_compositionality_table
-from cliptune.eval.feature_store import FeatureStore, tower_fingerprint
+from cliptune.features.store import FeatureStore, tower_fingerprint
 from cliptune.inference import load_any
 from cliptune.models import ClipModel
 from cliptune.tuning.wise import INITIAL_FILE, load_initial, sweep

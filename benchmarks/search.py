@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _record import machine, write_section
 
 from cliptune.data import ImageFiles
-from cliptune.eval.encode import Encoding
+from cliptune.features.encoding import Encoding
 from cliptune.index import Index, ann
 from cliptune.inference import load_any
 from cliptune.models.towers import POOLING

@@ -74,10 +74,44 @@ def _imports(path: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("package", ["models", "data", "losses", "tuning", "eval"])
+@pytest.mark.parametrize("package", ["models", "data", "features", "losses", "tuning", "eval"])
 def test_lower_packages_never_import_train(package):
     for path in (SRC / package).rglob("*.py"):
         assert not any(m.startswith("cliptune.train") for m in _imports(path)), path
+
+
+# Sub-packages from the bottom up: each imports (even lazily, inside a function) only those before it, so no two
+# depend on each other. (config, utils and metrics sit below all of them; config reads the registries by name.)
+LAYERS = ("models", "data", "features", "losses", "tuning", "eval", "train")
+
+
+def _package_imports(package: str) -> dict[str, set[str]]:
+    """Each sub-package of cliptune that a file of `package` imports -> the files that do."""
+    found: dict[str, set[str]] = {}
+    for path in (SRC / package).rglob("*.py"):
+        for module in _imports(path):
+            parts = module.split(".")
+            if parts[0] == "cliptune" and len(parts) > 1 and parts[1] != package:
+                found.setdefault(parts[1], set()).add(str(path.relative_to(SRC)))
+    return found
+
+
+@pytest.mark.parametrize("package", LAYERS)
+def test_packages_import_only_lower_packages(package):
+    higher = LAYERS[LAYERS.index(package) :]
+    wrong = {p: sorted(files) for p, files in _package_imports(package).items() if p in higher}
+    assert not wrong, f"{package}/ imports higher packages: {wrong}"
+
+
+def test_models_depend_on_no_other_package():
+    """A backend is written against torch and its library alone: models/ reads only the config and utils."""
+    assert set(_package_imports("models")) <= {"config", "utils"}
+
+
+def test_import_check_sees_lazy_imports(tmp_path):
+    source = tmp_path / "x.py"
+    source.write_text("def f():\n    from cliptune.eval.zeroshot import evaluate_zeroshot\n    import cliptune.train\n")
+    assert _imports(source) == {"cliptune.eval.zeroshot", "cliptune.train"}
 
 
 @pytest.mark.parametrize("package", ["train", "tuning", "losses", "eval"])

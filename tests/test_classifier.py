@@ -14,8 +14,9 @@ from PIL import Image
 from cliptune import metrics
 from cliptune.config import FinetuneConfig, ModelConfig, OptimConfig
 from cliptune.data import LabelledImages, load_rgb
-from cliptune.eval.encode import Encoding
-from cliptune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
+from cliptune.eval.zeroshot import evaluate_zeroshot
+from cliptune.features.encoding import Encoding
+from cliptune.features.prompts import zeroshot_classifier, zeroshot_head
 from cliptune.models import ClipModel, ModelError, build_model, load_model, save_model
 from cliptune.models.base import Tower
 from cliptune.models.classifier import ClassifierModel
@@ -56,7 +57,7 @@ def logits_of(model: ClassifierModel, files: list[Path]) -> torch.Tensor:
 
 
 def test_class_weights_are_the_normalised_mean_of_template_embeddings(base) -> None:
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     with torch.no_grad():  # direct computation, one class at a time
         want = []
         for name in CLASSES:
@@ -68,7 +69,7 @@ def test_class_weights_are_the_normalised_mean_of_template_embeddings(base) -> N
 
 
 def test_the_initial_head_gives_exactly_the_zero_shot_logits_and_metrics(base, image_files) -> None:
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     encoding = Encoding(base)
     zeroshot = 100.0 * encoding.images(image_files) @ zeroshot_classifier(encoding, CLASSES, TEMPLATES)
     logits = logits_of(model, image_files)
@@ -80,7 +81,7 @@ def test_the_initial_head_gives_exactly_the_zero_shot_logits_and_metrics(base, i
 
 
 def test_embeddings_tokens_and_temperature_are_the_bases(base, image_files) -> None:
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     images, tokens = pixels(base, image_files), base.tokenize(CLASSES)
     with torch.no_grad():
         assert torch.equal(model.encode_image(images), base.encode_image(images))
@@ -91,7 +92,7 @@ def test_embeddings_tokens_and_temperature_are_the_bases(base, image_files) -> N
 
 
 def test_towers_follow_the_base(base) -> None:
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     for name, _ in model.named_parameters():
         want = "image" if name == "class_weights" else base.tower_of(name.removeprefix("base."))
         assert model.tower_of(name) == want, name
@@ -102,7 +103,7 @@ def test_towers_follow_the_base(base) -> None:
 
 def test_gradient_reaches_the_head_and_the_image_tower_only(base, image_files) -> None:
     torch.manual_seed(0)
-    model = ClassifierModel.from_zeroshot(build_model(ModelConfig(arch="cliptune-tiny-vit")), CLASSES, TEMPLATES)
+    model = zeroshot_head(build_model(ModelConfig(arch="cliptune-tiny-vit")), CLASSES, TEMPLATES)
     model.train()
     loss = F.cross_entropy(model.classify(pixels(model, image_files)), torch.tensor(LABELS), label_smoothing=0.1)
     loss.backward()
@@ -115,7 +116,7 @@ def test_gradient_reaches_the_head_and_the_image_tower_only(base, image_files) -
 
 
 def test_layer_decay_puts_the_head_after_the_last_block(base) -> None:
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     cfg = OptimConfig(lr=1e-3, weight_decay=0.1, layer_decay_image=0.5)
     groups = {n: g for g in param_groups(model, cfg) for n in g["names"]}
     head = groups["class_weights"]
@@ -128,7 +129,7 @@ def test_layer_decay_puts_the_head_after_the_last_block(base) -> None:
 
 def test_a_locked_image_tower_can_keep_its_head_trainable(base) -> None:
     torch.manual_seed(0)
-    model = ClassifierModel.from_zeroshot(build_model(ModelConfig(arch="cliptune-tiny-vit")), CLASSES, TEMPLATES)
+    model = zeroshot_head(build_model(ModelConfig(arch="cliptune-tiny-vit")), CLASSES, TEMPLATES)
     cfg = FinetuneConfig(lock_image=True, lock_text=True, lock_image_patterns="!class_weights")
     assert apply_locking(model, cfg) == ["text"]
     assert {n for n, p in model.named_parameters() if p.requires_grad and model.tower_of(n) != "shared"} == {
@@ -137,7 +138,7 @@ def test_a_locked_image_tower_can_keep_its_head_trainable(base) -> None:
 
 
 def test_save_load_round_trip_offline(base, image_files, tmp_path: Path) -> None:
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     with torch.no_grad():  # away from the zero-shot init, so a loaded head cannot pass by being re-initialised
         model.class_weights.add_(0.1 * torch.randn_like(model.class_weights))
     folder = save_model(model, tmp_path / "saved")
@@ -157,7 +158,7 @@ def test_wrong_heads_are_clear_errors(base) -> None:
     with pytest.raises(ModelError, match="repeated: 'a'"):
         ClassifierModel(base, ["a", "b", "a"], torch.zeros(3, 64))
     with pytest.raises(ModelError, match=re.escape("'{}'")):
-        ClassifierModel.from_zeroshot(base, ["a"], ["a photo"])
+        zeroshot_head(base, ["a"], ["a photo"])
     model = ClassifierModel(base, ["a", "b"], torch.zeros(2, 32))
     with pytest.raises(ModelError, match="size 64 but the class weights 32"):
         model.classify(torch.zeros(1, 3, 32, 32))
@@ -168,7 +169,7 @@ def test_wrong_heads_are_clear_errors(base) -> None:
 def test_dense_token_features_are_the_bases(base, image_files) -> None:
     if "encode_image_tokens" not in type(base).__dict__:
         pytest.skip("this base model gives no dense token features")
-    model = ClassifierModel.from_zeroshot(base, CLASSES, TEMPLATES)
+    model = zeroshot_head(base, CLASSES, TEMPLATES)
     images, tokens = pixels(base, image_files), base.tokenize(CLASSES)
     with torch.no_grad():
         for got, want in zip(model.encode_image_tokens(images), base.encode_image_tokens(images)):

@@ -20,7 +20,7 @@ from cliptune.eval.compositionality import (
     ranked_first,
     read_compositionality_table,
 )
-from cliptune.eval.encode import Encoding
+from cliptune.features.encoding import Encoding
 from cliptune.models import build_model
 
 GENERATOR = NegativeGenerator(tagger="rules", lexicon="builtin")  # fast, and the same on every machine

@@ -5,7 +5,7 @@ from pathlib import Path
 import torch
 
 from cliptune.config import TowerConfig
-from cliptune.eval.encode import Encoding, channels_last
+from cliptune.features import Encoding, channels_last
 from cliptune.models import build_model
 from tests.helpers import CAPTIONS, tiny_config
 

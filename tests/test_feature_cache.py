@@ -12,7 +12,7 @@ import cliptune
 from cliptune.config import TableSpec
 from cliptune.data import read_caption_table
 from cliptune.eval import Encoding, evaluate_retrieval
-from cliptune.eval.feature_store import FeatureStore, tower_fingerprint
+from cliptune.features.store import FeatureStore, tower_fingerprint
 from cliptune.models import build_model
 from cliptune.models.composed import ComposedClip
 from tests.helpers import tiny_config

@@ -10,7 +10,8 @@ import torch
 from PIL import Image
 
 from cliptune.config import FinetuneConfig, ModelConfig
-from cliptune.eval.encode import Encoding, can_cache
+from cliptune.features import can_cache
+from cliptune.features.encoding import Encoding
 from cliptune.losses import clip_loss
 from cliptune.models import ClipModel, ModelError, build_model, load_model, rebuild, save_model
 from cliptune.models.heads import HeadedModel, add_heads
@@ -139,7 +140,7 @@ def test_locked_trunks_are_cached(bases, tmp_path: Path) -> None:
     cached, plain = Encoding(model, cached=["image", "text"]), Encoding(model)
     assert torch.allclose(cached.images(files), plain.images(files), atol=1e-6)
     assert torch.allclose(cached.texts(CAPTIONS), plain.texts(CAPTIONS), atol=1e-6)
-    assert len(cached.memo["image"]) == len(files) and len(cached.memo["text"]) == len(CAPTIONS)
+    assert len(cached.trunks.memo["image"]) == len(files) and len(cached.trunks.memo["text"]) == len(CAPTIONS)
 
 
 def test_unknown_kinds_and_building_from_a_config_are_clear_errors(bases) -> None:

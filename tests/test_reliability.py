@@ -95,7 +95,7 @@ def test_each_checkpoint_write_removes_dead_writers_checkpoints(tmp_path):
 
 
 def test_feature_store_shared_by_runs_drops_only_dead_writers_temporaries(tmp_path):
-    from cliptune.eval.feature_store import FeatureStore
+    from cliptune.features.store import FeatureStore
 
     dead, live = tmp_path / f".abc.safetensors.{_dead_pid()}@{HOST}.tmp", tmp_path / f".abc.keys.json.1@{HOST}.tmp"
     dead.write_bytes(b"x")

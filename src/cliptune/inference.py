@@ -16,7 +16,7 @@ from PIL import Image
 
 from cliptune.config import ConfigError, ModelConfig
 from cliptune.config import build as build_config
-from cliptune.eval.encode import encode_images, encode_texts
+from cliptune.features.encoding import encode_images, encode_texts
 from cliptune.models import ClipModel, ModelError, build_model, load_model
 from cliptune.models.io import SPEC_FILE, rebuild_from
 from cliptune.models.presets import PRESETS

@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING
 
 from cliptune.config import CompositionalitySpec, EvalConfig
 from cliptune.data import CaptionTable, LabelledImages, read_caption_table, read_classification
-from cliptune.eval.encode import Encoding
 from cliptune.eval.retrieval import evaluate_retrieval
 from cliptune.eval.zeroshot import evaluate_zeroshot, zeroshot_classifier
+from cliptune.features.encoding import Encoding
 
 logger = logging.getLogger("cliptune.eval")
 

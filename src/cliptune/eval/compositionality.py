@@ -26,7 +26,7 @@ from cliptune.config import TableSpec
 from cliptune.data import CaptionTable, DataError, read_caption_table
 from cliptune.data.images import describe_unreadable, log_skipped, readable_mask
 from cliptune.data.negatives import KINDS, LEXICONS, TAGGERS, NegativeGenerator
-from cliptune.eval.encode import Encoding
+from cliptune.features.encoding import Encoding
 
 logger = logging.getLogger("cliptune.data")
 

@@ -6,7 +6,7 @@ import torch
 
 from cliptune import metrics
 from cliptune.data import CaptionTable
-from cliptune.eval.encode import Encoding
+from cliptune.features.encoding import Encoding
 from cliptune.losses.clip import clip_loss
 
 

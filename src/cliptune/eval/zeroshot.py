@@ -1,20 +1,14 @@
-"""Zero-shot classification: a classifier built from prompt templates, scored on labelled images."""
+"""Zero-shot classification: a classifier built from prompt templates (`cliptune.features.prompts`), scored on
+labelled images."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from cliptune import metrics
 from cliptune.data import LabelledImages
-from cliptune.eval.encode import Encoding
-
-
-def zeroshot_classifier(encoding: Encoding, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """(D, C) weights: per class, the re-normalised mean of its normalised template embeddings."""
-    prompts = [t.format(c) for c in classnames for t in templates]
-    emb = encoding.texts(prompts).view(len(classnames), len(templates), -1)
-    return F.normalize(emb.mean(dim=1), dim=-1).T
+from cliptune.features.encoding import Encoding
+from cliptune.features.prompts import zeroshot_classifier
 
 
 def class_weights(encoding: Encoding, data: LabelledImages, templates: list[str]) -> torch.Tensor:

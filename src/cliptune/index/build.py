@@ -24,8 +24,7 @@ from tqdm import tqdm
 
 from cliptune.data import DataError
 from cliptune.data.images import log_skipped, to_rgb
-from cliptune.eval.encode import channels_last, default_workers, model_device
-from cliptune.eval.feature_store import FeatureStore, input_key, tower_fingerprint
+from cliptune.features import FeatureStore, channels_last, default_workers, input_key, model_device, tower_fingerprint
 from cliptune.index import ann, store
 from cliptune.index.sources import Item, Source, file_key, open_item, read_source
 from cliptune.models import ClipModel

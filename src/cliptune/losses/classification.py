@@ -47,11 +47,9 @@ def classification_loss(
 def with_class_head(cfg: RunConfig, model: ClipModel) -> ClipModel:
     """FT-CLIP: the image tower under a linear head holding the zero-shot weights of the class prompts."""
     from cliptune.data import read_classification
-    from cliptune.models.classifier import ClassifierModel
+    from cliptune.features.prompts import zeroshot_head  # the evaluation's own zero-shot classifier, bit for bit
 
     if cfg.data.labelled is None:
         raise ConfigError("loss.name ce: classification fine-tuning needs data.labelled (a labelled image set)")
     labelled = read_classification(cfg.data.labelled, check_images=False)
-    return ClassifierModel.from_zeroshot(
-        model, labelled.classnames, cfg.data.labelled.templates, batch_size=cfg.eval.batch_size
-    )
+    return zeroshot_head(model, labelled.classnames, cfg.data.labelled.templates, batch_size=cfg.eval.batch_size)

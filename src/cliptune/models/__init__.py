@@ -51,7 +51,7 @@ WRAPPERS: dict[str, Wrapper] = {
     "heads": _lazy_wrapper("heads", "set finetune.heads: linear or mlp to add heads on top of the model"),
     "prompted": _lazy_wrapper("prompted", "set finetune.prompt_tokens to the number of learnable prompt vectors"),
     "classifier": _lazy_wrapper(
-        "classifier", "set loss.name: ce with data.labelled, or use ClassifierModel.from_zeroshot"
+        "classifier", "set loss.name: ce with data.labelled, or use cliptune.features.prompts.zeroshot_head"
     ),
 }
 

@@ -407,7 +407,7 @@ class ClipModel(nn.Module):
 class TrunkHeadModel(ClipModel):
     """A model whose towers split into a trunk and a projection head.
 
-    The split lets a locked trunk's outputs be computed once and reused (`cliptune.eval.encode.Encoding`) while the
+    The split lets a locked trunk's outputs be computed once and reused (`cliptune.features.TrunkCache`) while the
     heads train.
     """
 

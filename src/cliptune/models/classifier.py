@@ -1,9 +1,10 @@
 """A classifier for classification fine-tuning: any model's image tower plus a linear head over class embeddings.
 
 `ClassifierModel` wraps a built `ClipModel` (`self.base`) and adds one parameter, `class_weights` (C, D): row c is
-class c's embedding. `from_zeroshot` fills it with the zero-shot classifier of the class names and prompt templates
-(`cliptune.eval.zeroshot.zeroshot_classifier`), so before any training `classify` returns exactly the logits the
-zero-shot evaluation scores, `100 * image @ W`, and epoch 0 equals zero-shot accuracy.
+class c's embedding. `cliptune.features.prompts.zeroshot_head` fills it with the zero-shot classifier of the class
+names and prompt templates (the one zero-shot evaluation scores with; models/ depends on neither), so before any
+training `classify` returns exactly the logits the zero-shot evaluation scores, `100 * image @ W`, and epoch 0
+equals zero-shot accuracy.
 
 Where this comes from, and the one choice made here:
 
@@ -71,24 +72,6 @@ class ClassifierModel(WrappedModel):
         rows = weights.detach().to(device=reference.device, dtype=reference.dtype)
         self.class_weights = nn.Parameter(rows.clone(memory_format=torch.contiguous_format))  # row-major (C, D)
         self.train(base.training)
-
-    @classmethod
-    def from_zeroshot(
-        cls,
-        base: ClipModel,
-        class_names: list[str],
-        templates: list[str],
-        batch_size: int = 64,
-        precision: str = "fp32",
-    ) -> ClassifierModel:
-        """The head that reproduces zero-shot classification with these class names and prompt templates."""
-        from cliptune.eval.encode import Encoding  # evaluation code: loaded only when a head is initialised
-        from cliptune.eval.zeroshot import zeroshot_classifier
-
-        if not templates or any("{}" not in t for t in templates):
-            raise ModelError(f"templates {templates!r}: give at least one, each with one '{{}}' for the class name")
-        weights = zeroshot_classifier(Encoding(base, precision, batch_size), list(class_names), list(templates))
-        return cls(base, class_names, weights.T)  # (D, C) -> (C, D): a row per class
 
     def classify(self, images: torch.Tensor) -> torch.Tensor:
         """Logits (B, C): 100 * normalised image embedding @ class_weights.T."""

@@ -15,7 +15,7 @@ from cliptune.config import VALIDATION_SPLIT, ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.data.datasets import NegativeSource, Transform
 from cliptune.data.shards import ShardStream
-from cliptune.eval.encode import Encoding
+from cliptune.features import TrunkCache
 from cliptune.losses.objective import Objective
 from cliptune.models import ClipModel
 from cliptune.train.distributed import SINGLE, GlobalBatchSampler, World
@@ -95,18 +95,18 @@ def train_dataset(
     cfg: RunConfig,
     table: CaptionTable,
     model: ClipModel,
-    encoding: Encoding,
+    trunks: TrunkCache,
     labels: list[int] | None,
     objective: Objective,
 ) -> TrainPairs:
     """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
     started = time.perf_counter()
-    image_features = encoding.trunk_features("image", table.images) if "image" in encoding.cached else None
-    text_features = encoding.trunk_features("text", table.flat()[0]) if "text" in encoding.cached else None
-    if encoding.cached:
+    image_features = trunks.trunk_features("image", table.images) if "image" in trunks.cached else None
+    text_features = trunks.trunk_features("text", table.flat()[0]) if "text" in trunks.cached else None
+    if trunks.cached:
         log.info(
             "cached locked %s tower output(s) for training in %.1fs",
-            " and ".join(encoding.cached),
+            " and ".join(trunks.cached),
             time.perf_counter() - started,
         )
     return TrainPairs(

@@ -17,8 +17,8 @@ from cliptune.config import ConfigError, EvalConfig, RunConfig, TableSpec, ZeroS
 from cliptune.data import CaptionTable, TrainPairs
 from cliptune.data.shards import ShardStream
 from cliptune.eval import EvalSuite
-from cliptune.eval.encode import Encoding
-from cliptune.eval.feature_store import FeatureStore
+from cliptune.features import FeatureStore
+from cliptune.features.encoding import Encoding
 from cliptune.inference import load_any, resolve_device
 from cliptune.losses.objective import OBJECTIVES, Objective
 from cliptune.models import ClipModel, build_model
@@ -253,7 +253,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     if train_table is None:
         dataset: TrainPairs | ShardStream = shard_stream(cfg, model, objective, where)
     else:
-        dataset = train_dataset(cfg, train_table, model, encoding, labels, objective)
+        dataset = train_dataset(cfg, train_table, model, encoding.trunks, labels, objective)
     optimizer = build_optimizer(model, cfg.optim, dict(objective.named_parameters()))
     steps = steps_per_epoch(cfg, dataset, where)
     scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs, steps)
