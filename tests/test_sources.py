@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
 from cliptune.data import sources
-from cliptune.data.sources import DataPackageMissingError, build_emoji, build_openclipart
+from cliptune.data.sources import DataPackageMissingError, build_emoji, build_openclipart, common, emoji, openclipart
 
 # The real openclipart-svg metadata: a cc:Work whose agents (creator, publisher) carry dc:title elements of their own.
 _SVG = """<?xml version="1.0" encoding="UTF-8" standalone="no"?>
@@ -149,7 +151,7 @@ def test_openclipart_manifest_makes_rebuild_a_no_op(
     def fail(*args: object) -> None:
         raise AssertionError("rebuilt although the parameters did not change")
 
-    monkeypatch.setattr(sources, "_produce_images", fail)
+    monkeypatch.setattr(openclipart, "_produce_images", fail)
     assert build_openclipart(out, image_size=16, root=clipart_root) == first
     monkeypatch.undo()
     # New parameters: rebuilt, and images of the old size are gone.
@@ -171,26 +173,41 @@ def test_missing_package_says_how_to_install(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
+    "args",
+    [
+        ["openclipart", "--out", "o", "--image-size", "128", "--root", "nowhere"],
+        ["emoji", "--out", "e", "--emojibase", "nowhere/data.json"],
+    ],
+)
+def test_module_runs_as_the_makefile_calls_it(tmp_path: Path, args: list[str]) -> None:
+    """`python -m cliptune.data.sources SOURCE ...` (the Makefile's data targets) reaches that source's builder."""
+    out = subprocess.run(
+        [sys.executable, "-m", "cliptune.data.sources", *args], cwd=tmp_path, capture_output=True, text=True
+    )
+    assert out.returncode == 1 and "install_data_packages.sh" in out.stderr, out.stderr
+
+
+@pytest.mark.parametrize(
     ("raw", "expected"),
     [("Truck1", "Truck"), (" ireland", "ireland"), ("glace_01_bw", "glace 01 bw"), ("00_nomoon_openclipart", "nomoon")],
 )
 def test_clean_title(raw: str, expected: str) -> None:
-    assert sources._clean_title(raw) == expected
+    assert openclipart._clean_title(raw) == expected
 
 
 def test_batch_titles_fall_back_to_file_names() -> None:
-    assert sources._title_from_stem("star_75pt28step") == "star"
-    assert sources._title_from_stem("RayonnementLaser") == "rayonnement laser"
-    assert sources._title_from_stem("70a003") is None
-    assert sources._BATCH_TITLE.search("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)")
-    assert not sources._BATCH_TITLE.search("Red Fox")
+    assert openclipart._title_from_stem("star_75pt28step") == "star"
+    assert openclipart._title_from_stem("RayonnementLaser") == "rayonnement laser"
+    assert openclipart._title_from_stem("70a003") is None
+    assert openclipart._BATCH_TITLE.search("Part of the Flat Icon Collection (Wed Aug 25 23:29:46 2004)")
+    assert not openclipart._BATCH_TITLE.search("Red Fox")
 
 
 def test_emoji_variants_share_a_split_group() -> None:
     person, man = "1F6A3", "1F6A3-200D-2642-FE0F"
-    assert sources._emoji_group_key(person) == sources._emoji_group_key(man) == "1F6A3"
-    assert sources._emoji_group_key("1F468") == "1F468"
-    assert sources._emoji_label("flag: Germany") == "flag of Germany"
+    assert emoji._emoji_group_key(person) == emoji._emoji_group_key(man) == "1F6A3"
+    assert emoji._emoji_group_key("1F468") == "1F468"
+    assert emoji._emoji_label("flag: Germany") == "flag of Germany"
 
 
 _FONT = sources.DEFAULT_EMOJI_FONT
@@ -224,7 +241,7 @@ def test_emoji_build_with_real_font(tmp_path: Path) -> None:
 
 
 def test_blank_drawings_are_dropped() -> None:
-    assert sources._on_white(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), 16) is None
+    assert common._on_white(Image.new("RGBA", (20, 20), (0, 0, 0, 0)), 16) is None
     white_on_clear = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
     white_on_clear.paste(Image.new("RGBA", (8, 8), (255, 255, 255, 255)), (4, 4))
-    assert sources._on_white(white_on_clear, 16) is None
+    assert common._on_white(white_on_clear, 16) is None
