@@ -16,8 +16,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
-from cliptune.losses.clip import clip_loss
-from cliptune.losses.gather import gather_with_grad, gathered_clip_loss
+from cliptune.losses.clip import clip_loss, clip_loss_directions
+from cliptune.losses.gather import gather_with_grad, gathered_clip_loss, gathered_clip_terms
 from tests.helpers import gloo_group, spawn_and_wait
 
 WORLD = 2
@@ -42,6 +42,10 @@ def _features(rows: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(rows, DIM, generator=g, dtype=torch.float64), torch.randn(
         rows, DIM, generator=g, dtype=torch.float64
     )
+
+
+def _normalised(img: torch.Tensor, txt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    return F.normalize(img, dim=-1), F.normalize(txt, dim=-1)
 
 
 def _loss_and_grads(img: torch.Tensor, txt: torch.Tensor, log_scale: float, loss_fn) -> dict[str, torch.Tensor]:
@@ -85,6 +89,9 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
                 return gathered_clip_loss(i, t, s, local_loss=local_loss)
 
             results[name] = _loss_and_grads(img[rows], txt[rows], log_scale, loss_fn)
+            scale = torch.tensor(log_scale, dtype=torch.float64)
+            parts = gathered_clip_terms(*_normalised(img[rows], txt[rows]), scale, local_loss=local_loss)[1]
+            results[name]["parts"] = parts
 
         x = torch.arange(DIM, dtype=torch.float64)
         results["gathered"] = gather_with_grad(x[: rank + 1] + 10 * rank)
@@ -117,6 +124,20 @@ def test_loss_value_on_each_rank_is_the_global_loss(ranks, name):
     expected = _loss_and_grads(*_features(sum(sizes)), log_scale, clip_loss)["loss"]
     for rank in range(WORLD):
         torch.testing.assert_close(ranks[rank][name]["loss"], expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_logged_directions_on_each_rank_are_those_of_the_global_batch(ranks, name):
+    """The image->text and text->image parts the training log shows, the same on every rank; their mean is the loss."""
+    _, sizes, log_scale = CASES[name]
+    scale = torch.tensor(log_scale, dtype=torch.float64)
+    expected = clip_loss_directions(*_normalised(*_features(sum(sizes))), scale)
+    for rank in range(WORLD):
+        parts = ranks[rank][name]["parts"]
+        torch.testing.assert_close(parts["image_to_text"], expected[0], atol=1e-10, rtol=0)
+        torch.testing.assert_close(parts["text_to_image"], expected[1], atol=1e-10, rtol=0)
+        mean = (parts["image_to_text"] + parts["text_to_image"]) / 2
+        torch.testing.assert_close(mean, ranks[rank][name]["loss"], atol=1e-12, rtol=0)
 
 
 @pytest.mark.parametrize("name", list(CASES))

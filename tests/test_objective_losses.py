@@ -5,12 +5,14 @@ code under test), so autograd through it gives independent gradients too. Everyt
 """
 
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
+from cliptune.config import LossConfig
 from cliptune.data.datasets import caption_groups
 from cliptune.losses import clip_loss
 from cliptune.losses.fsc import (
@@ -24,7 +26,9 @@ from cliptune.losses.fsc import (
     local_hn_loss,
     token_similarity,
 )
+from cliptune.losses.gather import gathered_clip_loss
 from cliptune.losses.negclip import negclip_loss
+from cliptune.losses.objective import Extras, Objective
 from cliptune.losses.siglip import siglip_loss
 from cliptune.losses.unicl import unicl_loss
 
@@ -44,35 +48,51 @@ def _log_softmax_at(scores: list, k: int) -> torch.Tensor:
     return scores[k] - torch.log(sum(torch.exp(s) for s in scores))
 
 
-def ref_siglip(img, txt, log_scale, bias):
-    t, total = log_scale.exp(), 0.0
+def ref_siglip_parts(img, txt, log_scale, bias):
+    """The loss's share of the matching pairs and that of the others."""
+    t, parts = log_scale.exp(), {"positive_pairs": 0.0, "negative_pairs": 0.0}
     for i in range(len(img)):
         for j in range(len(txt)):
             z = 1.0 if i == j else -1.0
-            total = total + torch.log1p(torch.exp(-z * (t * torch.dot(img[i], txt[j]) + bias)))
-    return total / len(img)
+            term = torch.log1p(torch.exp(-z * (t * torch.dot(img[i], txt[j]) + bias)))
+            key = "positive_pairs" if i == j else "negative_pairs"
+            parts[key] = parts[key] + term / len(img)
+    return parts
 
 
-def ref_negclip(img, txt, log_scale, neg=None, mask=None):
-    s, rows, total = _scale(log_scale), len(img), 0.0
+def ref_siglip(img, txt, log_scale, bias):
+    return sum(ref_siglip_parts(img, txt, log_scale, bias).values())
+
+
+def ref_negclip_directions(img, txt, log_scale, neg=None, mask=None):
+    s, rows, i2t, t2i = _scale(log_scale), len(img), 0.0, 0.0
     valid_negatives = [neg[b, k] for b in range(rows) for k in range(N) if mask[b, k]] if neg is not None else []
     for i in range(rows):
         scores = [s * torch.dot(img[i], txt[j]) for j in range(rows)]
         scores += [s * torch.dot(img[i], t) for t in valid_negatives]
-        total = total - _log_softmax_at(scores, i)
-        total = total - _log_softmax_at([s * torch.dot(txt[i], img[j]) for j in range(rows)], i)
-    return total / (2 * rows)
+        i2t = i2t - _log_softmax_at(scores, i)
+        t2i = t2i - _log_softmax_at([s * torch.dot(txt[i], img[j]) for j in range(rows)], i)
+    return {"image_to_text": i2t / rows, "text_to_image": t2i / rows}
 
 
-def ref_unicl(img, txt, log_scale, labels):
-    s, rows, total = _scale(log_scale), len(img), 0.0
+def ref_negclip(img, txt, log_scale, neg=None, mask=None):
+    return sum(ref_negclip_directions(img, txt, log_scale, neg, mask).values()) / 2
+
+
+def ref_unicl_directions(img, txt, log_scale, labels):
+    s, rows, i2t_total, t2i_total = _scale(log_scale), len(img), 0.0, 0.0
     for i in range(rows):
         group = [j for j in range(rows) if labels[j] == labels[i]]
         i2t = [s * torch.dot(img[i], txt[j]) for j in range(rows)]
         t2i = [s * torch.dot(txt[i], img[j]) for j in range(rows)]
         for j in group:
-            total = total - (_log_softmax_at(i2t, j) + _log_softmax_at(t2i, j)) / len(group)
-    return total / (2 * rows)
+            i2t_total = i2t_total - _log_softmax_at(i2t, j) / len(group)
+            t2i_total = t2i_total - _log_softmax_at(t2i, j) / len(group)
+    return {"image_to_text": i2t_total / rows, "text_to_image": t2i_total / rows}
+
+
+def ref_unicl(img, txt, log_scale, labels):
+    return sum(ref_unicl_directions(img, txt, log_scale, labels).values()) / 2
 
 
 def ref_focal(rows: list, gamma: float, eps: float):
@@ -460,3 +480,41 @@ def test_mistakes_are_named():
         fsc_loss(x["img"], x["txt"], x["scale"], x["neg"], x["mask"], patch_tokens=x["patch"])
     with pytest.raises(ValueError, match="valid\\[:, 0\\]"):
         focal_smoothed_ce(torch.zeros(2, 3), torch.zeros(2, 3, dtype=torch.bool))
+
+
+# ----- the parts each objective logs -----
+
+PARTS = {  # objective -> (its loss function, the loop reference of the parts it logs)
+    "clip": (
+        lambda x: gathered_clip_loss(x["img"], x["txt"], x["scale"]),
+        lambda x: ref_negclip_directions(x["img"], x["txt"], x["scale"]),
+    ),
+    "siglip": (
+        lambda x: siglip_loss(x["img"], x["txt"], x["scale"], x["bias"]),
+        lambda x: ref_siglip_parts(x["img"], x["txt"], x["scale"], x["bias"]),
+    ),
+    "negclip": (_negclip, lambda x: ref_negclip_directions(x["img"], x["txt"], x["scale"], x["neg"], x["mask"])),
+    "unicl": (
+        lambda x: unicl_loss(x["img"], x["txt"], x["scale"], x["labels"]),
+        lambda x: ref_unicl_directions(x["img"], x["txt"], x["scale"], x["labels"]),
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(PARTS))
+def test_the_objective_logs_each_part_of_its_loss_and_leaves_the_loss_alone(name):
+    """Objective.record_terms: `loss/PART` equals the loop's part, and the loss is the loss function's, bit for bit."""
+    x = _normalised(_batch())
+    model = SimpleNamespace(logit_scale=x["scale"], logit_bias=None)
+    objective = Objective(LossConfig(name=name, siglip_bias_init=-2.0), model)
+    text = torch.cat([x["txt"], x["neg"].flatten(0, 1)]) if name == "negclip" else x["txt"]
+    loss = objective(model, x["img"], text, Extras(group=x["labels"], negative_mask=x["mask"]))
+    loss_fn, reference = PARTS[name]
+    # The objective reads the temperature and its own bias in float32 (-2.0 exactly), as training does.
+    assert torch.equal(loss, loss_fn({**x, "scale": x["scale"].float(), "bias": torch.tensor(-2.0)}))
+    parts = {key.removeprefix("loss/"): v for key, v in objective.logged.items() if key.startswith("loss/")}
+    expected = reference(x)
+    assert parts.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(parts[key], value, atol=0, rtol=1e-6, msg=key)  # float32 temperature
+        assert not parts[key].requires_grad

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from cliptune.losses.fsc import fsc_loss, global_hn_loss, local_hn_loss
-from cliptune.losses.negclip import negclip_loss
-from cliptune.losses.siglip import siglip_loss
-from cliptune.losses.unicl import unicl_loss
+from cliptune.losses.negclip import negclip_loss, negclip_terms
+from cliptune.losses.siglip import siglip_loss, siglip_terms
+from cliptune.losses.unicl import unicl_loss, unicl_terms
 from tests.helpers import gloo_group, spawn_and_wait
 
 WORLD = 2
@@ -48,7 +48,19 @@ def _loss(name: str, x: dict) -> torch.Tensor:
     return fsc_loss(img, txt, x["scale"], neg, x["mask"], *tokens)
 
 
+def _parts(name: str, x: dict) -> dict[str, torch.Tensor]:
+    """The parts of loss `name` that the training log shows (detached global values)."""
+    img, txt, neg = (F.normalize(x[k], dim=-1) for k in ("img", "txt", "neg"))
+    if name == "siglip":
+        return siglip_terms(img, txt, x["scale"], x["bias"])[1]
+    if name == "negclip":
+        return negclip_terms(img, txt, x["scale"], neg, x["mask"])[1]
+    assert name == "unicl"
+    return unicl_terms(img, txt, x["scale"], x["labels"])[1]
+
+
 LOSSES = ("siglip", "negclip", "unicl", "global_hn", "local_hn", "fsc")
+WITH_PARTS = ("siglip", "negclip", "unicl")
 CASES = {f"{loss}-{sizes}": (loss, SIZES[sizes]) for loss in LOSSES for sizes in SIZES}
 
 
@@ -127,6 +139,8 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         for case, (name, sizes) in CASES.items():
             batch = _rows(_batch(sum(sizes)), sum(sizes[:rank]), sum(sizes[: rank + 1]))
             results[case] = _loss_and_grads(name, batch)
+            if name in WITH_PARTS:
+                results[case]["parts"] = _parts(name, batch)
         batch = _rows(_batch(WORLD * DDP_ROWS, seed=1), rank * DDP_ROWS, (rank + 1) * DDP_ROWS)
         for name in ("siglip", "negclip", "unicl", "fsc"):
             ddp = nn.parallel.DistributedDataParallel(_Towers(bias=name == "siglip"))
@@ -154,6 +168,17 @@ def test_loss_value_on_each_rank_is_the_global_loss(ranks, case):
     expected = _single_process(case)["loss"]
     for rank in range(WORLD):
         torch.testing.assert_close(ranks[rank][case]["loss"], expected, atol=1e-10, rtol=0)
+
+
+@pytest.mark.parametrize("case", [case for case, (name, _) in CASES.items() if name in WITH_PARTS])
+def test_logged_parts_on_each_rank_are_those_of_the_global_batch(ranks, case):
+    name, sizes = CASES[case]
+    expected = _parts(name, _batch(sum(sizes)))
+    for rank in range(WORLD):
+        got = ranks[rank][case]["parts"]
+        assert got.keys() == expected.keys()
+        for key in expected:
+            torch.testing.assert_close(got[key], expected[key], atol=1e-10, rtol=0, msg=key)
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -78,6 +78,53 @@ def test_sweep_prunes_resumes_a_killed_study_and_reports(shapes, tmp_path, scrip
     assert status == {"trial_000": "done", "trial_001": "pruned", "trial_003": "done"}
 
 
+BY_EVALUATION = {0.001: [30.0, 50.0, 50.0], 0.0001: [40.0, 45.0, 60.0]}  # a trial's values at its evaluations
+
+
+@pytest.mark.slow
+def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
+    """With eval.every_steps the pruner sees every evaluation: trial 1's best so far beats trial 0 at step 2 and falls
+    below it at step 4, in the middle of its only epoch (6 steps), where it stops; sweep.md and sweep.csv say so."""
+    current = {}
+    real = sweep.trial_config
+
+    def capture(*args, **kwargs):
+        cfg = real(*args, **kwargs)
+        current.update(lr=cfg.optim.lr, evaluations=0)
+        return cfg
+
+    def run(self, encoding, loss_batch=None):
+        if not self.retrieval:
+            return {}
+        values, current["evaluations"] = BY_EVALUATION[current["lr"]], current["evaluations"] + 1
+        return {"val": {"mean_recall": ([0.0, *values])[current["evaluations"] - 1]}}  # the first is the baseline
+
+    monkeypatch.setattr(sweep, "trial_config", capture)
+    monkeypatch.setattr(EvalSuite, "run", run)
+    cfg = run_config(shapes, tmp_path / "out", epochs=1, eval__every_steps=2)
+    config = write_yaml(cfg, tmp_path / "c.yaml")
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": [0.001, 0.0001]}))
+    folder = tmp_path / "out" / "run-sweep"
+    folder.mkdir(parents=True)
+    study = sweep._study(folder, "max", startup_trials=1)
+    study.enqueue_trial({"optim.lr": 0.001})
+    study.enqueue_trial({"optim.lr": 0.0001})
+    sweep.run_sweep(config, space, trials=2, startup_trials=1)
+
+    trials = study.get_trials(deepcopy=False)
+    assert [t.intermediate_values for t in trials] == [{1: 30.0, 2: 50.0, 3: 50.0}, {1: 40.0, 2: 45.0}]
+    with (folder / "sweep.csv").open() as f:
+        rows = {int(r["trial"]): r for r in csv.DictReader(f)}
+    assert (rows[0]["state"], rows[0]["pruned_step"]) == ("complete", "")
+    assert (rows[1]["state"], rows[1]["value"], rows[1]["pruned_step"]) == ("pruned", "45.0", "4")
+    assert "| 1 | pruned | 45 |" in (folder / "sweep.md").read_text()
+    status = json.loads((folder / "trial_001" / "status.json").read_text())
+    assert status["status"] == "pruned" and "pruned at step 4 (evaluation 2)" in status["error"]
+    evaluations = map(json.loads, (folder / "trial_001" / "metrics.jsonl").read_text().splitlines())
+    assert [r["step"] for r in evaluations] == [0, 2, 4], "the pruned trial stopped at its mid-epoch evaluation"
+
+
 def test_sweep_space_errors_name_the_key(tmp_path):
     space = tmp_path / "space.yaml"
     space.write_text("optim.lrr: {log_uniform: [1e-5, 1e-3]}\n")

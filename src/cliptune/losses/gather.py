@@ -34,9 +34,9 @@ import torch.distributed as dist
 import torch.distributed.nn.functional as dist_fn
 import torch.nn.functional as F
 
-from cliptune.losses.clip import MAX_LOGIT_SCALE, clip_loss
+from cliptune.losses.clip import MAX_LOGIT_SCALE, clip_loss_directions
 
-__all__ = ["gather_with_grad", "gathered_clip_loss"]
+__all__ = ["LossTerms", "directions", "gather_with_grad", "gathered_clip_loss", "gathered_clip_terms"]
 
 
 def _distributed() -> bool:
@@ -77,6 +77,10 @@ def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
     return _gather_rows(x, _gather_sizes(x.shape[0], x.device))
 
 
+# A loss with its gradient, and its named parts: detached values on the global batch, for the training log.
+LossTerms = tuple[torch.Tensor, dict[str, torch.Tensor]]
+
+
 def gathered_clip_loss(
     image_features: torch.Tensor,
     text_features: torch.Tensor,
@@ -91,13 +95,23 @@ def gathered_clip_loss(
     local_batch when sizes are equal); otherwise every rank computes the full global logits. Back-propagate the returned
     value as is: DDP's averaging of parameter gradients then yields the single-process gradient (see module docstring).
     """
+    return gathered_clip_terms(image_features, text_features, logit_scale, local_loss)[0]
+
+
+def gathered_clip_terms(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    local_loss: bool = True,
+) -> LossTerms:
+    """`gathered_clip_loss` and the global mean of each direction's cross-entropy (the loss is their mean)."""
     if image_features.shape[0] != text_features.shape[0]:
         raise ValueError(
             f"image and text features must have the same number of rows, got {image_features.shape[0]} and "
             f"{text_features.shape[0]}"
         )
     if not _distributed():
-        return clip_loss(image_features, text_features, logit_scale)
+        return _terms(*clip_loss_directions(image_features, text_features, logit_scale))
 
     n = image_features.shape[0]
     sizes = _gather_sizes(n, image_features.device)
@@ -107,20 +121,31 @@ def gathered_clip_loss(
     all_images = _gather_rows(image_features, sizes)
     all_texts = _gather_rows(text_features, sizes)
     if not local_loss:
-        return clip_loss(all_images, all_texts, logit_scale)
+        return _terms(*clip_loss_directions(all_images, all_texts, logit_scale))
 
     rank, world = dist.get_rank(), dist.get_world_size()
     offset = sum(sizes[:rank])
     labels = torch.arange(offset, offset + n, device=image_features.device)
     scale = logit_scale.clamp(max=MAX_LOGIT_SCALE).exp()
     # Summed (not averaged) over local rows, so a rank's share is weighted by its rows and an empty rank adds 0.
-    summed = F.cross_entropy(scale * image_features @ all_texts.T, labels, reduction="sum") + F.cross_entropy(
-        scale * text_features @ all_images.T, labels, reduction="sum"
-    )
+    image_to_text = F.cross_entropy(scale * image_features @ all_texts.T, labels, reduction="sum")
+    text_to_image = F.cross_entropy(scale * text_features @ all_images.T, labels, reduction="sum")
+    summed = image_to_text + text_to_image
     # Gradient source: the per-rank terms sum to world * L, like the world copies of L in the non-local branch.
     share = summed * (world / (2 * total))
-    # Value: the global loss L (sum of every rank's terms), so that each rank reports the loss of the whole batch.
-    global_sum = summed.detach().clone()
-    dist.all_reduce(global_sum)
-    value = global_sum / (2 * total)
-    return share + (value - share.detach())
+    # Value: the global loss L (sum of every rank's terms), so that each rank reports the loss of the whole batch;
+    # the directions' sums travel in the same collective.
+    global_sums = torch.stack([summed, image_to_text, text_to_image]).detach()
+    dist.all_reduce(global_sums)
+    value = global_sums[0] / (2 * total)
+    return share + (value - share.detach()), directions(global_sums[1] / total, global_sums[2] / total)
+
+
+def directions(image_to_text: torch.Tensor, text_to_image: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The two directions of a contrastive loss, detached, under their names in the training log."""
+    return {"image_to_text": image_to_text.detach(), "text_to_image": text_to_image.detach()}
+
+
+def _terms(image_to_text: torch.Tensor, text_to_image: torch.Tensor) -> LossTerms:
+    """The loss as `clip_loss` computes it (the same operations, so the same bits) and its directions."""
+    return (image_to_text + text_to_image) / 2, directions(image_to_text, text_to_image)

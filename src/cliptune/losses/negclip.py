@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from cliptune.losses.gather import LossTerms
 from cliptune.losses.reduce import (
     check_pairs,
     clamped_scale,
     gather_features,
     gather_values,
     global_mean,
+    logged_means,
     row_layout,
     upcast,
 )
@@ -38,6 +40,17 @@ def negclip_loss(
     negative_features: torch.Tensor,
     negative_mask: torch.Tensor,
 ) -> torch.Tensor:
+    """(CE image->text + CE text->image) / 2 with the batch's hard negatives in image->text (`negclip_terms`)."""
+    return negclip_terms(image_features, text_features, logit_scale, negative_features, negative_mask)[0]
+
+
+def negclip_terms(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    negative_features: torch.Tensor,
+    negative_mask: torch.Tensor,
+) -> LossTerms:
     """(CE image->text + CE text->image) / 2, where every image also scores the valid hard negatives of the batch.
 
     `negative_features` (B, N, D) are the L2-normalised hard-negative captions made from each caption, `negative_mask`
@@ -49,6 +62,7 @@ def negclip_loss(
 
     Distributed: captions, negatives and masks are gathered (N must be equal on all ranks); each rank computes its
     rows against all candidates, with the convention of `gathered_clip_loss` (back-propagate the value as is).
+    Returned with the loss: each direction's global mean, detached (the loss is their mean).
     """
     check_pairs(image_features, text_features)
     check_negatives(text_features, negative_features, negative_mask)
@@ -66,4 +80,5 @@ def negclip_loss(
     labels = torch.arange(offset, offset + n, device=image_features.device)
     image_to_text = F.cross_entropy(scale * image_features @ candidates.T, labels, reduction="sum")
     text_to_image = F.cross_entropy(scale * text_features @ all_images.T, labels, reduction="sum")
-    return global_mean((image_to_text + text_to_image) / 2, n)
+    parts = logged_means({"image_to_text": image_to_text, "text_to_image": text_to_image}, n)
+    return global_mean((image_to_text + text_to_image) / 2, n), parts

@@ -22,10 +22,10 @@ from torch import nn
 from cliptune.config import LossConfig
 from cliptune.losses.classification import CLASSIFIER_SCALE, classification_loss, with_class_head
 from cliptune.losses.fsc import global_hn_loss, local_hn_loss
-from cliptune.losses.gather import gathered_clip_loss
-from cliptune.losses.negclip import negclip_loss
-from cliptune.losses.siglip import siglip_loss
-from cliptune.losses.unicl import unicl_loss
+from cliptune.losses.gather import LossTerms, gathered_clip_terms
+from cliptune.losses.negclip import negclip_loss, negclip_terms
+from cliptune.losses.siglip import siglip_terms
+from cliptune.losses.unicl import unicl_terms
 from cliptune.models.base import ClipModel
 
 if TYPE_CHECKING:
@@ -86,8 +86,9 @@ class Objective(nn.Module):
     """The configured training objective (`OBJECTIVES[cfg.name]`) with the parameters it owns.
 
     `logged` holds what the last batch's loss function recorded besides the total (`record`): its separate terms
-    as `loss/NAME` (FSC-CLIP's negclip, global and local hard-negative losses, unweighted) and values such as
-    SigLIP's `logit_bias`; the training log writes them beside the loss.
+    as `loss/NAME` (the image->text and text->image directions of CLIP, NegCLIP and UniCL, SigLIP's matching and
+    non-matching pairs, FSC-CLIP's negclip, global and local hard-negative losses, unweighted) and values such as
+    SigLIP's `logit_bias`; the training log writes them beside the loss. Recording never changes the loss.
     """
 
     def __init__(self, cfg: LossConfig, model: ClipModel) -> None:
@@ -100,6 +101,13 @@ class Objective(nn.Module):
 
     def record(self, key: str, value: torch.Tensor) -> None:
         self.logged[key] = value.detach()
+
+    def record_terms(self, terms: LossTerms) -> torch.Tensor:
+        """Record a loss function's named parts as `loss/NAME`; returns the loss itself, untouched."""
+        loss, parts = terms
+        for name, value in parts.items():
+            self.record(f"loss/{name}", value)
+        return loss
 
     @property
     def needs_groups(self) -> bool:
@@ -147,7 +155,7 @@ def _scale(model: ClipModel) -> torch.Tensor:
 
 
 def _clip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
-    return gathered_clip_loss(image, text, _scale(model), local_loss=obj.cfg.local_loss)
+    return obj.record_terms(gathered_clip_terms(image, text, _scale(model), local_loss=obj.cfg.local_loss))
 
 
 def _siglip_bias(cfg: LossConfig, model: ClipModel) -> dict[str, nn.Parameter]:
@@ -161,11 +169,11 @@ def _siglip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.T
     own = obj._parameters.get("logit_bias")
     bias = own if own is not None else model.logit_bias
     obj.record("logit_bias", bias)
-    return siglip_loss(image, text, _scale(model), bias.float())
+    return obj.record_terms(siglip_terms(image, text, _scale(model), bias.float()))
 
 
 def _unicl(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
-    return unicl_loss(image, text, _scale(model), _required(extras.group, "group ids"))
+    return obj.record_terms(unicl_terms(image, text, _scale(model), _required(extras.group, "group ids")))
 
 
 def _split(text: torch.Tensor, extras: Extras) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -177,7 +185,7 @@ def _split(text: torch.Tensor, extras: Extras) -> tuple[torch.Tensor, torch.Tens
 
 def _negclip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
     positives, negatives, mask = _split(text, extras)
-    return negclip_loss(image, positives, _scale(model), negatives, mask)
+    return obj.record_terms(negclip_terms(image, positives, _scale(model), negatives, mask))
 
 
 def _fsc(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:

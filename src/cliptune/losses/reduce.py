@@ -22,6 +22,7 @@ __all__ = [
     "gather_features",
     "gather_values",
     "global_mean",
+    "logged_means",
     "row_layout",
     "upcast",
 ]
@@ -89,3 +90,17 @@ def global_mean(local_sum: torch.Tensor, local_count: int | torch.Tensor) -> tor
     total = totals[1].clamp(min=1)
     share = local_sum * (dist.get_world_size() / total)
     return share + (totals[0] / total - share.detach())
+
+
+def logged_means(local_sums: dict[str, torch.Tensor], local_count: int) -> dict[str, torch.Tensor]:
+    """Detached global means of named per-sample sums (a loss's parts, for the training log; one collective).
+
+    They never enter the loss: its value and gradient stay those of `global_mean` on the total."""
+    names = list(local_sums)
+    sums = torch.stack([local_sums[name].detach() for name in names])
+    count = float(local_count)
+    if _distributed():
+        totals = torch.cat([sums, sums.new_tensor([count])])
+        dist.all_reduce(totals)
+        sums, count = totals[:-1], float(totals[-1])
+    return {name: value / max(count, 1.0) for name, value in zip(names, sums)}

@@ -202,15 +202,24 @@ def _mid_epoch(trainer: Trainer) -> bool:
     cfg, step = trainer.cfg, trainer.state.step
     if trainer.state.batch >= trainer.steps_per_epoch:
         return False
-    if cfg.eval.every_steps and step % cfg.eval.every_steps == 0 and _evaluates(trainer):
+    evaluated = bool(cfg.eval.every_steps) and step % cfg.eval.every_steps == 0 and _evaluates(trainer)
+    if evaluated:
         evaluate(trainer)
         set_train_mode(trainer.model, trainer.locked)  # evaluation leaves every module in train mode, locked included
-        if stopped(trainer):
-            _checkpoint(trainer)  # records the stop, so a --resume finishes instead of training on
-            return True
-    if cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
+    stop = evaluated and stopped(trainer)
+    if stop:
+        _checkpoint(trainer)  # records the stop, so a --resume finishes instead of training on
+    elif cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
         _checkpoint(trainer)
-    return False
+    if evaluated:
+        _after_evaluation(trainer)
+    return stop
+
+
+def _after_evaluation(trainer: Trainer) -> None:
+    """The callbacks (a sweep's pruning) see every evaluation during training, once its checkpoint is written."""
+    for callback in trainer.callbacks:
+        callback(trainer)
 
 
 def _evaluates(trainer: Trainer) -> bool:
@@ -239,9 +248,12 @@ def _end_epoch(trainer: Trainer, epoch: int) -> None:
     if count:
         trainer.log.train_step({"step": trainer.state.step, "epoch": epoch + 1, "epoch_mean_loss": total / count})
     trainer.epoch_loss = (0.0, 0)
-    if _eval_due_at_epoch_end(trainer):
+    evaluated = _eval_due_at_epoch_end(trainer)
+    if evaluated:
         evaluate(trainer)
     _checkpoint(trainer)
+    if evaluated:
+        _after_evaluation(trainer)
 
 
 def evaluated_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
@@ -310,12 +322,14 @@ def _checkpoint(trainer: Trainer) -> None:
 
 def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
     """Baseline evaluation, then epochs of training with evaluations and atomic checkpoints at the configured cadence;
-    callbacks run after each epoch's checkpoint. status.json says how the session ended (`cliptune runs`)."""
+    callbacks run after every evaluation during training (mid-epoch ones included), once the checkpoint due with it is
+    written. status.json says how the session ended (`cliptune runs`)."""
+    trainer.callbacks = callbacks
     if not trainer.where.main:
-        return _fit(trainer, callbacks)
+        return _fit(trainer)
     session_started(trainer.run_dir)
     try:
-        results = _fit(trainer, callbacks)
+        results = _fit(trainer)
     except KeyboardInterrupt:
         session_ended(trainer.run_dir, INTERRUPTED)
         raise
@@ -326,7 +340,7 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
     return results
 
 
-def _fit(trainer: Trainer, callbacks: tuple[Callback, ...]) -> dict[str, Any]:
+def _fit(trainer: Trainer) -> dict[str, Any]:
     cfg = trainer.cfg
     _describe(trainer)
     started = time.perf_counter()
@@ -339,8 +353,6 @@ def _fit(trainer: Trainer, callbacks: tuple[Callback, ...]) -> dict[str, Any]:
         if stopped(trainer):
             break
         _end_epoch(trainer, epoch)
-        for callback in callbacks:
-            callback(trainer)
     if not trainer.where.main:
         return {}
     return finish(trainer, time.perf_counter() - started)

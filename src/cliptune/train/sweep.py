@@ -29,6 +29,7 @@ log = logging.getLogger("cliptune")
 STUDY_FILE = "study.db"
 STUDY_NAME = "cliptune"
 _RANGES = ("log_uniform", "uniform", "int")
+PRUNED_STEP, PRUNED_EPOCH = "pruned_step", "pruned_epoch"  # a pruned trial's user attributes: where it stopped
 
 
 @dataclass
@@ -129,11 +130,17 @@ def _retry_killed(study: Any) -> None:
 
 
 class _Reporter:
-    """The epoch callback of a trial's run: report its newest evaluation to Optuna and prune when told."""
+    """The callback a trial's run calls after every evaluation (mid-epoch ones with `eval.every_steps` included):
+    report it to Optuna and prune when told.
+
+    Optuna's step is the evaluation's number in the trial (1, 2, ...), not the training step: the median pruner
+    compares trials at the same step, and trials whose batch size differs reach the same evaluation at different
+    training steps. Where a trial is pruned (training step and epoch) is kept in the trial's user attributes.
+    """
 
     def __init__(self, trial: Any) -> None:
         self.trial = trial
-        self.reported: set[int] = set()
+        self.reported: set[int] = set()  # training steps already reported
 
     def __call__(self, trainer: Any) -> None:
         import optuna
@@ -142,9 +149,14 @@ class _Reporter:
         if last is None or last.step in self.reported:
             return
         self.reported.add(last.step)
-        self.trial.report(last.value, last.step)
+        self.trial.report(last.value, len(self.reported))
         if self.trial.should_prune():
-            raise optuna.TrialPruned(f"{trainer.selection.metric} {last.value:.4g} at step {last.step}")
+            self.trial.set_user_attr(PRUNED_STEP, last.step)
+            self.trial.set_user_attr(PRUNED_EPOCH, trainer.state.epoch)
+            raise optuna.TrialPruned(
+                f"pruned at step {last.step} (evaluation {len(self.reported)}): {trainer.selection.metric} "
+                f"{last.value:.4g} is worse than the median of the earlier trials there"
+            )
 
 
 def _objective(base: RunConfig, folder: Path, space: list[Param]) -> Any:
@@ -159,8 +171,9 @@ def _objective(base: RunConfig, folder: Path, space: list[Param]) -> Any:
         log.info("sweep: trial %d: %s", trial.number, params)
         try:
             results = finetune(cfg, callbacks=(_Reporter(trial),))
-        except optuna.TrialPruned:
-            session_ended(cfg.run_dir, PRUNED)
+        except optuna.TrialPruned as pruned:
+            session_ended(cfg.run_dir, PRUNED, str(pruned))
+            log.info("sweep: trial %d %s", trial.number, pruned)
             raise
         best = (results.get("selection") or {}).get("best")
         if best is None:
@@ -226,6 +239,7 @@ def _rows(study: Any, params: list[Param]) -> list[dict[str, Any]]:
         order = {TrialState.COMPLETE: 0, TrialState.PRUNED: 1}.get(t.state, 2)
         minutes = (t.datetime_complete - t.datetime_start).total_seconds() / 60 if t.datetime_complete else None
         row = {"trial": t.number, "state": t.state.name.lower(), "value": value, "minutes": minutes}
+        row[PRUNED_STEP] = t.user_attrs.get(PRUNED_STEP)
         row.update({p.key: t.params.get(p.key) for p in params})
         rows.append((order, sign * value if value is not None else float("inf"), row))
     return [row for *_, row in sorted(rows, key=lambda r: (r[0], r[1]))]
@@ -240,7 +254,7 @@ def _text(value: Any) -> str:
 def write_reports(study: Any, folder: Path, params: list[Param]) -> dict[str, Any]:
     """sweep.md, sweep.csv, param_KEY.png and best.yaml (when a trial has finished); the best trial's facts."""
     rows = _rows(study, params)
-    header = ["trial", "state", "value", "minutes", *[p.key for p in params]]
+    header = ["trial", "state", "value", "minutes", PRUNED_STEP, *[p.key for p in params]]
     out = io.StringIO()
     writer = csv.DictWriter(out, fieldnames=header)
     writer.writeheader()
@@ -250,12 +264,18 @@ def write_reports(study: Any, folder: Path, params: list[Param]) -> dict[str, An
     for param in params:
         plot_param(rows, param, folder / f"param_{param.key}.png")
     best = _best(study, folder)
-    lines = [f"# Sweep {folder.name}", "", _headline(study, best), ""]
+    lines = [f"# Sweep {folder.name}", "", _headline(study, best), "", _LEGEND, ""]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(_text(r[h]) for h in header) + " |" for r in rows]
     with atomic_write(folder / "sweep.md") as tmp:
         tmp.write_text("\n".join(lines) + "\n")
     return best
+
+
+_LEGEND = (
+    "value: a finished trial's selected evaluation, a pruned trial's last one; pruned_step: the training step whose "
+    "evaluation the median pruner stopped the trial at."
+)
 
 
 def _best(study: Any, folder: Path) -> dict[str, Any]:
