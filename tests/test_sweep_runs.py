@@ -118,11 +118,31 @@ def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
         rows = {int(r["trial"]): r for r in csv.DictReader(f)}
     assert (rows[0]["state"], rows[0]["pruned_step"]) == ("complete", "")
     assert (rows[1]["state"], rows[1]["value"], rows[1]["pruned_step"]) == ("pruned", "45.0", "4")
-    assert "| 1 | pruned | 45 |" in (folder / "sweep.md").read_text()
+    report = (folder / "sweep.md").read_text()
+    assert "| 1 | pruned | 45 |" in report and "value of val/mean_recall (higher is better). Best: trial 0" in report
     status = json.loads((folder / "trial_001" / "status.json").read_text())
     assert status["status"] == "pruned" and "pruned at step 4 (evaluation 2)" in status["error"]
     evaluations = map(json.loads, (folder / "trial_001" / "metrics.jsonl").read_text().splitlines())
     assert [r["step"] for r in evaluations] == [0, 2, 4], "the pruned trial stopped at its mid-epoch evaluation"
+
+
+def test_a_resumed_study_draws_new_parameters_and_a_new_one_is_reproducible(tmp_path):
+    """Each session opens the study with a new sampler: seeded by the trials already there, it neither repeats the
+    first session's draws after a resume nor varies between two fresh sweeps."""
+    from optuna.distributions import FloatDistribution
+
+    lr = {"optim.lr": FloatDistribution(1e-5, 1e-2, log=True)}
+
+    def session(folder: Path) -> float:
+        folder.mkdir(exist_ok=True)
+        study = sweep._study(folder, "max", startup_trials=1)
+        trial = study.ask(lr)
+        study.tell(trial, 1.0)
+        return trial.params["optim.lr"]
+
+    first, resumed = session(tmp_path / "a"), session(tmp_path / "a")
+    assert first != resumed, "the resumed sweep drew the first session's parameters again"
+    assert session(tmp_path / "b") == first
 
 
 def test_sweep_space_errors_name_the_key(tmp_path):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import io
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -109,14 +110,17 @@ def _study(folder: Path, direction: str, startup_trials: int) -> Any:
     import optuna
 
     storage = f"sqlite:///{folder / STUDY_FILE}"
-    return optuna.create_study(
+    study = optuna.create_study(
         study_name=STUDY_NAME,
         storage=storage,
         load_if_exists=True,
         direction="maximize" if direction == "max" else "minimize",
-        sampler=optuna.samplers.TPESampler(seed=0),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0),
     )
+    # Seeded by the trials already there: a new sweep is reproducible, and a resumed one does not draw its first
+    # (random start-up) parameters again from seed 0, which would repeat the trials of the first session.
+    study.sampler = optuna.samplers.TPESampler(seed=len(study.get_trials(deepcopy=False)))
+    return study
 
 
 def _retry_killed(study: Any) -> None:
@@ -290,8 +294,16 @@ def _best(study: Any, folder: Path) -> dict[str, Any]:
     cfg.name = "best"
     with atomic_write(folder / "best.yaml") as tmp:
         config_mod.dump(cfg, tmp)
-    metric = cfg.train.select.metric or "the default selection metric"
+    metric = cfg.train.select.metric or _selected_metric(run_config.parent) or "the default selection metric"
     return {"number": trial.number, "value": trial.value, "metric": metric, "folder": str(folder)}
+
+
+def _selected_metric(run_dir: Path) -> str | None:
+    """The metric a finished run selected on (train.select.metric or its default), from its results.json."""
+    results = run_dir / "results.json"
+    if not results.is_file():
+        return None
+    return (json.loads(results.read_text()).get("selection") or {}).get("metric")
 
 
 def _headline(study: Any, best: dict[str, Any]) -> str:
