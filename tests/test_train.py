@@ -87,6 +87,11 @@ def test_cli_run_learns_and_writes_the_run_directory(shapes, tmp_path, arch):
     assert all({"epoch", "step", "eval"} | RETRIEVAL == set(r) for r in records)
     assert yaml.safe_load((run / "config.yaml").read_text())["optim"]["lr"] == 2e-3
     assert "| mean_recall |" in (run / "summary.md").read_text()
+    # the CLIP loss's two directions are logged apart (objective.record_terms); the loss is their mean
+    steps = [r for r in map(json.loads, (run / "train.jsonl").read_text().splitlines()) if "loss" in r]
+    assert steps and all(r["loss/image_to_text"] != r["loss/text_to_image"] for r in steps)
+    for r in steps:
+        assert (r["loss/image_to_text"] + r["loss/text_to_image"]) / 2 == pytest.approx(r["loss"], rel=1e-6)
 
 
 @pytest.mark.slow
