@@ -110,7 +110,7 @@ def plot_curves(run_dir: Path, evals: list[Evaluation], best_step: int | None = 
             if chosen:
                 ax_eval.plot([best_step], chosen, marker="*", markersize=14, color="black", linestyle="none")
     ax_eval.set(title="evaluation (mean recall / top-1, %; * = selected)", xlabel="step (0 = before fine-tuning)")
-    if evals:
+    if ax_eval.get_legend_handles_labels()[0]:  # sets without a headline figure (compositionality) draw nothing
         ax_eval.legend()
     fig.tight_layout()
     with atomic_write(run_dir / "curves.png") as tmp:
