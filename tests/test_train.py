@@ -92,6 +92,14 @@ def test_cli_run_learns_and_writes_the_run_directory(shapes, tmp_path, arch):
     assert steps and all(r["loss/image_to_text"] != r["loss/text_to_image"] for r in steps)
     for r in steps:
         assert (r["loss/image_to_text"] + r["loss/text_to_image"]) / 2 == pytest.approx(r["loss"], rel=1e-6)
+    # the held-out set's loss at every evaluation goes to the training log (its results keep to recalls, above)
+    val_losses = [
+        (r["step"], r["val_loss/val"])
+        for r in map(json.loads, (run / "train.jsonl").read_text().splitlines())
+        if "val_loss/val" in r
+    ]
+    assert [step for step, _ in val_losses] == [r["step"] for r in records]
+    assert all(0 < loss < 10 for _, loss in val_losses)
 
 
 @pytest.mark.slow

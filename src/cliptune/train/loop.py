@@ -278,7 +278,8 @@ def evaluate(trainer: Trainer, baseline: bool = False) -> dict[str, dict[str, fl
 
 
 def _log_validation_losses(trainer: Trainer, results: dict[str, dict[str, float]]) -> None:
-    """Validation losses also go to train.jsonl (and TensorBoard's train/), beside the training loss."""
+    """The loss of every retrieval set (validation and held-out) goes to train.jsonl (and TensorBoard's train/) as
+    `val_loss/SET`, beside the training loss."""
     losses = {f"val_loss/{name}": values["loss"] for name, values in results.items() if "loss" in values}
     if losses:
         trainer.log.train_step({"step": trainer.state.step, "epoch": trainer.state.epoch, **losses})
@@ -287,16 +288,19 @@ def _log_validation_losses(trainer: Trainer, results: dict[str, dict[str, float]
 def _evaluate(trainer: Trainer, baseline: bool) -> dict[str, dict[str, float]]:
     selection, state = trainer.selection, trainer.state
     with evaluated_weights(trainer):
-        # validation sets also report their loss (selectable: SET/loss with mode min); held-out sets keep to recalls
+        # Validation sets also report their loss (selectable: SET/loss with mode min). Held-out sets keep to recalls
+        # in the results; their loss only goes to the training log, beside the validation sets'.
         validation = trainer.validation.run(trainer.encoding, loss_batch=trainer.cfg.train.batch_size)
-        results = {**validation, **trainer.suite.run(trainer.encoding)}
+        reported = trainer.suite.run(trainer.encoding, loss_batch=trainer.cfg.train.batch_size)
+        held_out = {name: {"loss": values.pop("loss")} for name, values in reported.items() if "loss" in values}
+        results = {**validation, **reported}
         if selection is not None and baseline:
             selection.value(results)  # a selection metric that does not exist fails before training, not after
         elif selection is not None and selection.update(results, state.epoch, state.step):
             record = {"epoch": state.epoch, "step": state.step, "metric": selection.metric, "results": results}
             save_best(trainer.run_dir / "checkpoints", initial_state(trainer.model), record)
     trainer.log.evaluation(state.epoch, state.step, results)
-    _log_validation_losses(trainer, validation)
+    _log_validation_losses(trainer, {**validation, **held_out})
     for name, values in results.items():
         shown = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
         log.info("eval %s (epoch %d, step %d): %s", name, state.epoch, state.step, shown)
