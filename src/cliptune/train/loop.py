@@ -212,12 +212,13 @@ def _mid_epoch(trainer: Trainer) -> bool:
     elif cfg.train.checkpoint_every_steps and step % cfg.train.checkpoint_every_steps == 0:
         _checkpoint(trainer)
     if evaluated:
-        _after_evaluation(trainer)
+        _run_callbacks(trainer)
     return stop
 
 
-def _after_evaluation(trainer: Trainer) -> None:
-    """The callbacks (a sweep's pruning) see every evaluation during training, once its checkpoint is written."""
+def _run_callbacks(trainer: Trainer) -> None:
+    """The callbacks (a sweep's pruning) run at each epoch's end and after each mid-epoch evaluation, so they see
+    every evaluation during training, once the checkpoint due with it is written."""
     for callback in trainer.callbacks:
         callback(trainer)
 
@@ -248,12 +249,10 @@ def _end_epoch(trainer: Trainer, epoch: int) -> None:
     if count:
         trainer.log.train_step({"step": trainer.state.step, "epoch": epoch + 1, "epoch_mean_loss": total / count})
     trainer.epoch_loss = (0.0, 0)
-    evaluated = _eval_due_at_epoch_end(trainer)
-    if evaluated:
+    if _eval_due_at_epoch_end(trainer):
         evaluate(trainer)
     _checkpoint(trainer)
-    if evaluated:
-        _after_evaluation(trainer)
+    _run_callbacks(trainer)
 
 
 def evaluated_weights(trainer: Trainer) -> contextlib.AbstractContextManager:
@@ -326,8 +325,8 @@ def _checkpoint(trainer: Trainer) -> None:
 
 def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
     """Baseline evaluation, then epochs of training with evaluations and atomic checkpoints at the configured cadence;
-    callbacks run after every evaluation during training (mid-epoch ones included), once the checkpoint due with it is
-    written. status.json says how the session ended (`cliptune runs`)."""
+    callbacks run after each epoch's checkpoint and after every mid-epoch evaluation (`_run_callbacks`). status.json
+    says how the session ended (`cliptune runs`)."""
     trainer.callbacks = callbacks
     if not trainer.where.main:
         return _fit(trainer)

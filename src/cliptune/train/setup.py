@@ -97,7 +97,7 @@ class Trainer:
     epoch_loss: tuple[float, int] = (0.0, 0)  # this epoch's loss sum and step count, for its mean
     last_eval_step: int = -1
     resume_rng: dict[str, Any] | None = None  # applied where the saved run stood (loop._epoch_iterator)
-    callbacks: tuple[Callback, ...] = ()  # run after every evaluation during training (set by loop.fit)
+    callbacks: tuple[Callback, ...] = ()  # run at epoch ends and mid-epoch evaluations (set by loop.fit)
 
     def __post_init__(self) -> None:
         # Counted before training ends: merging LoRA at the end removes the adapters that were trained.

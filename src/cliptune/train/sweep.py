@@ -134,8 +134,8 @@ def _retry_killed(study: Any) -> None:
 
 
 class _Reporter:
-    """The callback a trial's run calls after every evaluation (mid-epoch ones with `eval.every_steps` included):
-    report it to Optuna and prune when told.
+    """The callback a trial's run calls at each epoch's end and after each mid-epoch evaluation (`eval.every_steps`):
+    report every new evaluation to Optuna and prune when told.
 
     Optuna's step is the evaluation's number in the trial (1, 2, ...), not the training step: the median pruner
     compares trials at the same step, and trials whose batch size differs reach the same evaluation at different
