@@ -447,15 +447,17 @@ class OptimConfig:
     lr: float = _doc(1.0e-4, "peak learning rate")
     weight_decay: float = _doc(0.2, "weight decay (never on biases, norms, 1-D params, logit_scale)")
     optimizer: str = _registered(
-        "adamw", "cliptune.train.optim:OPTIMIZERS", doc="torch AdamW, or SGD with momentum (linear probes)"
+        "adamw",
+        "cliptune.train.optim:OPTIMIZERS",
+        doc="torch AdamW, SGD with momentum (linear probes), or timm's LAMB / Lion",
     )
     momentum: float = _doc(0.9, "sgd: momentum")
     warmup_steps: int = _doc(10, "linear warm-up steps before the cosine decay")
     warmup_epochs: float | None = _doc(None, "warm-up in epochs (may be fractional); when set it replaces warmup_steps")
     grad_clip: float | None = _doc(5.0, "max global gradient norm; null disables clipping")
-    beta1: float = _doc(0.9, "AdamW beta1")
-    beta2: float = _doc(0.98, "AdamW beta2")
-    eps: float = _doc(1.0e-6, "AdamW epsilon")
+    beta1: float = _doc(0.9, "AdamW / LAMB / Lion beta1")
+    beta2: float = _doc(0.98, "AdamW / LAMB / Lion beta2 (Lion's authors use 0.99)")
+    eps: float = _doc(1.0e-6, "AdamW / LAMB epsilon")
     schedule: str = _choice("cosine", "cosine", "constant", doc="lr after warm-up")
     layer_decay_image: float = _doc(1.0, "layer-wise lr decay of the image tower (1.0: none)")
     layer_decay_text: float = _doc(1.0, "layer-wise lr decay of the text tower (1.0: none)")
@@ -836,6 +838,9 @@ _APPLIES: dict[str, tuple[str, tuple[Any, ...]]] = {
     "data.shuffle_buffer": ("data.shards", ()),
     "data.shard_caption_key": ("data.shards", ()),
     "optim.momentum": ("optim.optimizer", ("sgd",)),
+    "optim.beta1": ("optim.optimizer", ("adamw", "lamb", "lion")),
+    "optim.beta2": ("optim.optimizer", ("adamw", "lamb", "lion")),
+    "optim.eps": ("optim.optimizer", ("adamw", "lamb")),
 }
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import math
 
+import timm.optim
 import torch
 from torch import nn
 
@@ -22,9 +23,19 @@ def _sgd(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
     return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum)
 
 
+def _lamb(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # timm's LAMB (torch has none) with timm's own defaults otherwise, as `timm.optim.create_optimizer_v2("lamb")`
+    # builds it: weight decay inside the trust ratio (the paper's) and its global gradient-norm clip at 1.0.
+    return timm.optim.Lamb(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+
+
+def _lion(groups: list[dict], cfg: OptimConfig) -> torch.optim.Optimizer:
+    # timm's Lion (torch has none): sign of the interpolated momentum, decoupled weight decay; no eps.
+    return timm.optim.Lion(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2))
+
+
 # optim.optimizer -> its factory over parameter groups (each group carries its own lr scale and weight decay).
-# LAMB and Lion are not here: torch has neither, and timm's stay with the backends (see tests/test_architecture.py).
-OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd}
+OPTIMIZERS = {"adamw": _adamw, "sgd": _sgd, "lamb": _lamb, "lion": _lion}
 
 
 def build_optimizer(
