@@ -4,8 +4,12 @@ path that changes training outputs only."""
 
 import pytest
 import torch
+import torchvision
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
+from torch import nn
+from torchvision.models import ViT_B_16_Weights
+from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
 
 import cliptune
 from cliptune.api import resolve_config
@@ -72,7 +76,7 @@ def test_hf_resized_model_equals_transformers_on_the_fly_interpolation(configs, 
 def test_unsupported_towers_say_who_supports_them(configs, shapes, tmp_path):
     with pytest.raises(NotImplementedError, match=r"model.image_size .*OpenCLIP ViTs"):
         _model(configs["openclip-rn"]).set_image_size(64)
-    with pytest.raises(NotImplementedError, match=r"model.drop_path .*timm image tower"):
+    with pytest.raises(NotImplementedError, match=r"model.drop_path .*timm, efficientnet-lite or torchvision"):
         _model(configs["openclip-rn"]).set_drop_path(0.1)
     cfg = {
         "model": {"arch": "cliptune-tiny-rn", "drop_path": 0.1},
@@ -113,3 +117,84 @@ def test_a_run_at_a_new_size_saves_a_model_of_that_size(shapes, tmp_path):
     model = cliptune.load(tmp_path / "resized").model
     assert model.spec()["image_size"] == [48, 48] and model.image_preprocessing().size == 48
     assert model.encode_image(_images(48)).shape == (3, 64)
+
+
+CNN_TOWERS = {
+    "composed-lite": TowerConfig(source="efficientnet-lite", name="efficientnet-lite0", pretrained=False),
+    "composed-torchvision-cnn": TowerConfig(source="torchvision", name="efficientnet_b0", pretrained=False),
+}
+
+
+@pytest.fixture(scope="module")
+def cnn_configs(bert_dir) -> dict[str, ModelConfig]:
+    return {name: tiny_config(bert_dir, image=tower) for name, tower in CNN_TOWERS.items()}
+
+
+@pytest.mark.parametrize("name", list(CNN_TOWERS))
+def test_convolutional_towers_take_a_new_size_and_rebuild_at_it(cnn_configs, name, tmp_path):
+    test_the_same_size_changes_nothing_and_a_larger_one_gives_finite_embeddings(cnn_configs, name, tmp_path)
+
+
+def _tiny_torchvision_vit(weights: ViT_B_16_Weights | None = None, progress: bool = True, **kwargs) -> nn.Module:
+    """vit_b_16's builder at toy width (the annotation is how torchvision finds the weights enum)."""
+    kwargs.setdefault("image_size", 224)
+    return VisionTransformer(patch_size=16, num_layers=1, num_heads=2, hidden_dim=32, mlp_dim=37, **kwargs)
+
+
+def test_torchvision_vit_resamples_its_position_embeddings_as_torchvision_does(bert_dir, tmp_path, monkeypatch):
+    monkeypatch.setitem(torchvision.models._api.BUILTIN_MODELS, "vit_b_16", _tiny_torchvision_vit)
+    # torchvision lists a builder as a classification model by the module that defines it
+    monkeypatch.setattr(_tiny_torchvision_vit, "__module__", VisionTransformer.__module__)
+    cfg = tiny_config(bert_dir, image=TowerConfig(source="torchvision", name="vit_b_16", pretrained=False))
+    test_the_same_size_changes_nothing_and_a_larger_one_gives_finite_embeddings({"vit": cfg}, "vit", tmp_path)
+    model = _model(cfg)
+    expected = interpolate_embeddings(240, 16, model.image_tower.state_dict())["encoder.pos_embedding"]
+    model.set_image_size(240)
+    torch.testing.assert_close(model.image_tower.encoder.pos_embedding.detach(), expected)
+
+
+@pytest.mark.parametrize("name", list(CNN_TOWERS))
+def test_convolutional_drop_path_changes_training_outputs_only(cnn_configs, name):
+    """BatchNorm trains on batch statistics, so training outputs are compared with drop path on and off."""
+    model = _model(cnn_configs[name])
+    images = _images(model.image_preprocessing().size, n=4)
+    keys, before = set(model.state_dict()), model.encode_image(images)
+    assert model.set_drop_path(0.5) > 0
+    assert set(model.state_dict()) == keys
+    assert torch.equal(model.eval().encode_image(images), before)
+    torch.manual_seed(1)
+    dropped = model.train().encode_image(images)
+    model.set_drop_path(0.0)
+    plain = model.encode_image(images)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, plain)
+
+
+def test_lite_drop_path_is_the_library_built_with_that_rate(cnn_configs):
+    from efficientnet_lite_pytorch import EfficientNet
+
+    model = _model(cnn_configs["composed-lite"])
+    reference = EfficientNet.from_name("efficientnet-lite0", drop_connect_rate=0.3)
+    reference._fc = torch.nn.Identity()
+    reference.load_state_dict(model.image_tower.net.state_dict())
+    model.set_drop_path(0.3)
+    images = _images(224, n=4)
+    torch.manual_seed(2)
+    ours = model.image_tower.train()(images)
+    torch.manual_seed(2)
+    theirs = reference.train().extract_features(images).mean((2, 3))
+    torch.testing.assert_close(ours, theirs)
+
+
+def test_towers_without_the_mechanism_name_the_key_and_the_tower(bert_dir, tmp_path):
+    from transformers import ViTConfig, ViTModel
+
+    resnet = tiny_config(bert_dir, image=TowerConfig(source="torchvision", name="resnet18", pretrained=False))
+    with pytest.raises(ValueError, match=r"model.drop_path: torchvision model 'resnet18' has no stochastic depth"):
+        _model(resnet).set_drop_path(0.1)
+    vit = tmp_path / "hf-vit"
+    ViTModel(
+        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
+    ).save_pretrained(vit)
+    model = _model(tiny_config(bert_dir, image=TowerConfig(source="hf", name=str(vit))))
+    with pytest.raises(NotImplementedError, match=r"model.image_size \(a hf image tower\).*efficientnet-lite"):
+        model.set_image_size(64)

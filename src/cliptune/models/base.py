@@ -67,9 +67,13 @@ def dense_tokens_unsupported(backend: str, why: str) -> NotImplementedError:
     )
 
 
-DROP_PATH_SUPPORT = "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm image tower have it"
+DROP_PATH_SUPPORT = (
+    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite or torchvision "
+    "(ConvNeXt, EfficientNet, Swin, MaxViT) image tower have it"
+)
 IMAGE_SIZE_SUPPORT = (
-    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm image tower can change input size"
+    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite or torchvision "
+    "image tower can change input size"
 )
 
 

@@ -25,16 +25,17 @@ from cliptune.models.errors import ModelError
 from cliptune.models.layers import Found, library_layers
 from cliptune.models.prompted import TextPath, hf_tokenize, insert_prompts, rows, shift_index, start_offset
 from cliptune.models.towers import (
+    DROP_PATH,
+    INPUT_SIZE,
     POOLING,
     ImageTower,
     Preprocess,
     TextTower,
     build_image_tower,
     build_text_tower,
+    drop_path_blocks,
     rebuild_image_tower,
     rebuild_text_tower,
-    timm_set_input_size,
-    timm_with_drop_path,
     tower_layers,
 )
 
@@ -105,25 +106,27 @@ class ComposedClip(TrunkHeadModel):
     def text_head(self, features: torch.Tensor) -> torch.Tensor:
         return self.text_projection(features)
 
-    # --- optional hooks: timm image towers only (timm builds drop path in and resizes its own embeddings)
+    # --- optional hooks: each image-tower library's own mechanism (towers.DROP_PATH / INPUT_SIZE, by source)
 
     def set_drop_path(self, rate: float) -> int:
-        self.image_tower = timm_with_drop_path(
-            self.image_tower, self._timm_name("model.drop_path", DROP_PATH_SUPPORT), rate
+        self.image_tower = self._tower_hook("model.drop_path", DROP_PATH, DROP_PATH_SUPPORT)(
+            self.image_tower, self.layout.image_cfg.name, rate
         )
-        return sum(1 for m in self.image_tower.modules() if type(m).__name__ == "DropPath")
+        return drop_path_blocks(self.image_tower)
 
     def set_image_size(self, size: int) -> None:
-        timm_set_input_size(self.image_tower, self._timm_name("model.image_size", IMAGE_SIZE_SUPPORT), size)
+        self.image_tower = self._tower_hook("model.image_size", INPUT_SIZE, IMAGE_SIZE_SUPPORT)(
+            self.image_tower, self.layout.image_cfg.name, size
+        )
         self.preprocess = dataclasses.replace(self.preprocess, size=size)
         self.train_transform, self.eval_transform = self.preprocess.transforms()
         self.image_size = size
 
-    def _timm_name(self, key: str, supported: str) -> str:
-        cfg = self.layout.image_cfg
-        if cfg.source != "timm":
-            raise unsupported(f"{key} (a {cfg.source} image tower)", self, supported)
-        return cfg.name
+    def _tower_hook(self, key: str, hooks: dict[str, Any], supported: str) -> Any:
+        source = self.layout.image_cfg.source
+        if source not in hooks:
+            raise unsupported(f"{key} (a {source} image tower)", self, supported)
+        return hooks[source]
 
     # --- the ClipModel interface
 

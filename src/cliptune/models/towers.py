@@ -330,13 +330,93 @@ def timm_with_drop_path(trunk: nn.Module, name: str, rate: float) -> nn.Module:
     return model.train(trunk.training)
 
 
-def timm_set_input_size(trunk: nn.Module, name: str, size: int) -> None:
+def timm_with_input_size(trunk: nn.Module, name: str, size: int) -> nn.Module:
     """A timm tower at `size` px: ViTs resample their position embeddings (`set_input_size`, timm's own);
     convolutional nets pool globally and need nothing."""
     if callable(getattr(trunk, "set_input_size", None)):
         trunk.set_input_size(img_size=size)
     elif getattr(trunk, "pos_embed", None) is not None:
         raise ModelError(f"model.image_size: timm model {name!r} has position embeddings timm cannot resize")
+    return trunk
+
+
+def lite_with_drop_path(trunk: nn.Module, name: str, rate: float) -> nn.Module:
+    """efficientnet-lite's own stochastic depth ("drop connect", per sample like timm's drop path, rising with the
+    block index): its rate lives in the network's global parameters, which the library reads at every forward.
+    The library builds every lite network with 0.2; this replaces it."""
+    net = trunk.net
+    net._global_params = net._global_params._replace(drop_connect_rate=rate)
+    return trunk
+
+
+def lite_with_input_size(trunk: nn.Module, name: str, size: int) -> nn.Module:
+    """The same lite network built for `size` px, weights copied: the library fixes each convolution's TensorFlow
+    "SAME" padding from the input size when it builds the network; the features are pooled globally."""
+    efficientnet = _require("efficientnet_lite_pytorch", "efficientnet-lite-pytorch")
+    old = trunk.net
+    net = efficientnet.EfficientNet.from_name(
+        name, image_size=size, drop_connect_rate=old._global_params.drop_connect_rate
+    )
+    net._fc = nn.Identity()
+    net.load_state_dict(old.state_dict())
+    return LiteTrunk(net).train(trunk.training)
+
+
+def torchvision_with_drop_path(trunk: nn.Module, name: str, rate: float) -> nn.Module:
+    """The same torchvision model built with `stochastic_depth_prob=rate` (ConvNeXt, EfficientNet, Swin, MaxViT:
+    torchvision's own schedule), classifier removed as at build, weights copied."""
+    import torchvision
+
+    try:
+        model = torchvision.models.get_model(name, weights=None, stochastic_depth_prob=rate)
+    except TypeError as e:  # ResNet, ViT, MobileNet...: no stochastic depth in torchvision
+        raise ModelError(f"model.drop_path: torchvision model {name!r} has no stochastic depth ({e})") from e
+    _drop_classifier(model)
+    model.load_state_dict(trunk.state_dict())
+    return model.train(trunk.training)
+
+
+def torchvision_with_input_size(trunk: nn.Module, name: str, size: int) -> nn.Module:
+    """A torchvision tower at `size` px: a ViT rebuilt at that size with its position embeddings resampled by
+    torchvision's own `interpolate_embeddings`; convolutional nets pool globally and need nothing (a network that
+    cannot take the size fails the check below, naming it)."""
+    import torchvision
+    from torchvision.models.vision_transformer import VisionTransformer, interpolate_embeddings
+
+    if isinstance(trunk, VisionTransformer):
+        model = torchvision.models.get_model(name, weights=None, image_size=size)
+        _drop_classifier(model)
+        model.load_state_dict(interpolate_embeddings(size, trunk.patch_size, trunk.state_dict()))
+        trunk = model.train(trunk.training)
+    training = trunk.training
+    try:
+        with torch.no_grad():
+            trunk.eval()(torch.zeros(1, 3, size, size))
+    except (RuntimeError, AssertionError, ValueError) as e:
+        raise ModelError(f"model.image_size: torchvision model {name!r} cannot take {size} px images ({e})") from e
+    return trunk.train(training)
+
+
+# model.drop_path / model.image_size for a composed model's image tower, by `source`: each library's own mechanism.
+# Hugging Face image towers are not here: their architectures differ in where a drop path or a resize would go.
+DROP_PATH: dict[str, Callable[[nn.Module, str, float], nn.Module]] = {
+    "timm": timm_with_drop_path,
+    "torchvision": torchvision_with_drop_path,
+    "efficientnet-lite": lite_with_drop_path,
+}
+INPUT_SIZE: dict[str, Callable[[nn.Module, str, int], nn.Module]] = {
+    "timm": timm_with_input_size,
+    "torchvision": torchvision_with_input_size,
+    "efficientnet-lite": lite_with_input_size,
+}
+
+
+def drop_path_blocks(trunk: nn.Module) -> int:
+    """How many blocks of an image trunk have stochastic depth (timm `DropPath`, torchvision `StochasticDepth`;
+    efficientnet-lite: every block, when its rate is set)."""
+    if isinstance(trunk, LiteTrunk):
+        return len(trunk.net._blocks) if trunk.net._global_params.drop_connect_rate else 0
+    return sum(1 for m in trunk.modules() if type(m).__name__ in ("DropPath", "StochasticDepth"))
 
 
 def _drop_classifier(model: nn.Module) -> str:
