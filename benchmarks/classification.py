@@ -1,7 +1,7 @@
 """Classification fine-tuning recipes on a real offline labelled set: what each gains and what it forgets.
 
     make data/openclipart/manifest.json        # and: apt-get install dataset-fashion-mnist
-    python benchmarks/classification.py        # about 10 min on 2 shared CPU cores
+    python benchmarks/classification.py        # 45 min on 2 CPU cores shared with other jobs (2026-12-02)
     python benchmarks/classification.py --quick   # tiny settings, a smoke run of every row; records nothing
 
 Source model: lite0-minilm (EfficientNet-Lite0 + all-MiniLM-L6-v2, real pretrained towers) with its projection heads
@@ -145,8 +145,9 @@ def notes(s: Settings, forgetting_images: int) -> str:
         f"seed's); the augmented row adds data.augment ({augment}) and EMA {EMA_DECAY}. FLYP: layer decay 0.6 on "
         f"both towers, no EMA; linear probe and FLYP: weight decay 0.1. WiSE-FT: alpha {s.wise_alpha:g} between the "
         f"source and the fine-tuned weights. Forgotten: zero-shot top-1 lost on {forgetting_images} held-out "
-        "clip-art images (20 categories), the source model's domain. Parameters trained: elements of the "
-        "parameter tensors that changed."
+        "clip-art images (20 categories), the source model's domain. Rows that train the image tower train it with "
+        "its library's drop connect 0.2 (efficientnet-lite's default; model.drop_path unset). Parameters trained: "
+        "elements of the parameter tensors that changed."
     )
 
 
