@@ -1,6 +1,10 @@
 """Tiny models and data shared by several test modules (fixtures live in conftest.py)."""
 
+import csv
 import gzip
+import json
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -8,6 +12,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 from open_clip.tokenizer import bytes_to_unicode, default_bpe
 from tokenizers import Tokenizer, normalizers, pre_tokenizers, processors
 from tokenizers.models import WordLevel
@@ -26,6 +31,8 @@ from transformers import (
 )
 
 from cliptune.config import ModelConfig, TowerConfig
+
+ROOT = Path(__file__).resolve().parents[1]  # the repository: benchmarks/, README.md, configs/
 
 WORDS = ["a", "the", "red", "green", "blue", "big", "small", "square", "circle", "triangle"]
 WORDS += ["dog", "puppy", "cat", "on", "in", "of", "with", "and", "photo"]
@@ -166,3 +173,46 @@ def tiny_run(shapes: Path, out: Path, name: str = "run", **sections: dict) -> di
         "runtime": {"output_dir": str(out), "progress": False, "seed": 0},
     }
     return merge(cfg, sections)
+
+
+def run_config(shapes: Path, out: Path, arch: str = "cliptune-tiny-vit", epochs: int = 3, **extra) -> dict:
+    """`tiny_run` of `arch` for `epochs` epochs, evaluated on the shapes val set; `extra` sets keys as
+    `section__key=value` (replacing that key's value)."""
+    cfg = tiny_run(
+        shapes,
+        out,
+        model={"arch": arch},
+        eval={"retrieval": [{"name": "val", "path": str(shapes / "val.csv")}]},
+        train={"epochs": epochs},
+        optim={"warmup_steps": 3},
+    )
+    for key, value in extra.items():
+        section, name = key.split("__")
+        cfg.setdefault(section, {})[name] = value
+    return cfg
+
+
+def write_yaml(cfg: dict, path: Path) -> Path:
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m cliptune.cli ARGS` in a subprocess; with `check`, it must succeed."""
+    proc = subprocess.run([sys.executable, "-m", "cliptune.cli", *args], capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def shape_labels(shapes: Path, name: str) -> Path:
+    """The shapes set's training images as a `path<TAB>shape` list (a labelled set), written to `shapes / name`."""
+    from cliptune.data.synthetic import SHAPES
+
+    lines = []
+    for row in csv.DictReader((shapes / "train.csv").open()):
+        caption = json.loads(row["caption"])[0]
+        lines.append(f"{row['image']}\t{next(s for s in SHAPES if s in caption)}\n")
+    path = shapes / name
+    path.write_text("".join(lines))
+    return path

@@ -22,7 +22,7 @@ from cliptune.train.checkpoint import (
     write_state,
 )
 from cliptune.utils.paths import PathEscapeError
-from tests.test_train import cli, run_config, write_yaml
+from tests.helpers import cli, run_config, write_yaml
 
 SRC = Path(cliptune.__file__).parent
 

@@ -6,8 +6,7 @@ import pytest
 
 from cliptune import config
 from cliptune.config import ConfigError
-
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT
 
 
 def test_defaults_and_sections():

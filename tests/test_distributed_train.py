@@ -8,19 +8,17 @@ hard negatives, label-aware targets, FSC-CLIP with its token-level loss, FT-CLIP
 and RandAugment + random erasing (per-sample seeded), and a run resumed from its checkpoint.
 """
 
-import csv
 import json
 import os
 from pathlib import Path
 
 import pytest
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
 import cliptune
-from cliptune.data.synthetic import SHAPES
 from cliptune.train.logging import step_losses
+from tests.helpers import shape_labels, spawn_and_wait, tiny_run
 
 WORLD = 2
 LABELS = "ddp_labels.txt"
@@ -44,27 +42,10 @@ CASES = {
 
 
 def _config(shapes: Path, out: Path, name: str) -> dict:
-    cfg = {
-        "name": name,
-        "model": {"arch": "cliptune-tiny-vit"},
-        "data": {"train": {"path": str(shapes / "train.csv")}},
-        "train": {"epochs": 1, "batch_size": 16},
-        "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "runtime": {"output_dir": str(out), "progress": False, "seed": 0, "log_every": 1},
-    }
-    cfg = cliptune.config.merge(cfg, CASES[name])
+    cfg = tiny_run(shapes, out, name, runtime={"log_every": 1}, **CASES[name])
     if cfg.get("loss", {}).get("name") == "ce":
         cfg["data"]["labelled"] = {"path": str(shapes / LABELS), "templates": ["a photo of a {}."]}
     return cfg
-
-
-def _write_labels(shapes: Path) -> None:
-    """The shapes images as a `path<TAB>shape` list: the labelled set of the classification case."""
-    lines = []
-    for row in csv.DictReader((shapes / "train.csv").open()):
-        caption = json.loads(row["caption"])[0]
-        lines.append(f"{row['image']}\t{next(s for s in SHAPES if s in caption)}\n")
-    (shapes / LABELS).write_text("".join(lines))
 
 
 def _train(shapes: Path, out: Path, name: str) -> None:
@@ -102,18 +83,8 @@ def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
     """(two-process output dir, one-process output dir), every case trained in both."""
     tmp = tmp_path_factory.mktemp("ddp")
     two, one = tmp / "two", tmp / "one"
-    _write_labels(shapes)
-    context = mp.spawn(_worker, args=(_free_port(), str(shapes), str(two)), nprocs=WORLD, join=False)
-    try:
-        for _ in range(300):  # seconds; a hung collective must fail the test, not the suite
-            if context.join(timeout=1):
-                break
-        else:
-            pytest.fail("the 2-process gloo run did not finish in 300 s")
-    finally:
-        for process in context.processes:
-            if process.is_alive():
-                process.kill()
+    shape_labels(shapes, LABELS)
+    spawn_and_wait(_worker, (_free_port(), str(shapes), str(two)), WORLD, timeout_s=300)
     for name in CASES:
         _train(shapes, one, name)
     return two, one

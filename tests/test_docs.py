@@ -1,11 +1,11 @@
 """The README's promises: the two commands first, and a config table in sync with the dataclasses."""
 
 import re
-from pathlib import Path
 
 from cliptune.config import markdown_table
+from tests.helpers import ROOT
 
-README = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+README = (ROOT / "README.md").read_text()
 
 
 def test_readme_starts_with_the_two_commands():

@@ -7,7 +7,7 @@ import cliptune
 from cliptune.config import ConfigError
 from cliptune.train.checkpoint import latest_checkpoint, load_weights
 from cliptune.train.loop import TrainingDiverged
-from tests.test_train import cli, run_config
+from tests.helpers import cli, run_config
 
 
 def _diverge_after_first_epoch(trainer):

@@ -22,9 +22,9 @@ from cliptune.losses import OBJECTIVES
 from cliptune.models import BACKENDS, build_model
 from cliptune.train.logging import step_losses
 from cliptune.tuning.strategies import STRATEGIES
-from tests.helpers import tiny_run
+from tests.helpers import ROOT, tiny_run
 
-GUIDE = Path(__file__).parents[1] / "CONTRIBUTING.md"
+GUIDE = ROOT / "CONTRIBUTING.md"
 SECTIONS = {"backend": "## Add a backend", "loss": "## Add a loss", "strategy": "## Add a strategy"}
 
 

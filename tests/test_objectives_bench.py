@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from cliptune.api import resolve_config
+from tests.helpers import ROOT
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "objectives.py"
+_PATH = ROOT / "benchmarks" / "objectives.py"
 
 
 def _load():

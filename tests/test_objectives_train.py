@@ -18,34 +18,15 @@ from cliptune.models import build_model
 from cliptune.models.classifier import ClassifierModel
 from cliptune.train.logging import step_losses
 from cliptune.train.setup import build_trainer
+from tests.helpers import shape_labels, tiny_run
 
 TEMPLATES = ["a photo of a {}.", "a {} shape."]
-
-
-def _config(shapes: Path, out: Path, name: str, **sections) -> dict:
-    cfg = {
-        "name": name,
-        "model": {"arch": "cliptune-tiny-vit"},
-        "data": {"train": {"path": str(shapes / "train.csv")}},
-        "train": {"epochs": 1, "batch_size": 16},
-        "optim": {"lr": 1e-3, "warmup_steps": 1},
-        "runtime": {"output_dir": str(out), "progress": False, "seed": 0},
-    }
-    return cliptune.config.merge(cfg, sections)
 
 
 @pytest.fixture(scope="module")
 def labelled(shapes) -> Path:
     """The shapes images as a `path<TAB>label` list, the label being the shape drawn."""
-    rows = list(csv.DictReader((shapes / "train.csv").open()))
-    lines = []
-    for row in rows:
-        caption = json.loads(row["caption"])[0]
-        shape = next(s for s in SHAPES if s in caption)
-        lines.append(f"{row['image']}\t{shape}")
-    path = shapes / "labels.txt"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return shape_labels(shapes, "labels.txt")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +44,7 @@ def compositionality(shapes) -> Path:
 
 @pytest.mark.slow
 def test_fsc_clip_with_the_local_loss_trains_and_reports_compositionality(shapes, tmp_path, compositionality):
-    cfg = _config(
+    cfg = tiny_run(
         shapes,
         tmp_path,
         "fsc",
@@ -92,7 +73,7 @@ def test_negatives_column_of_the_table_is_used(shapes, tmp_path):
             negs = [] if i % 3 == 0 else [f"not {caption}", "a purple hexagon"]
             image = str(shapes / row["image"])
             f.write(json.dumps({"image": image, "caption": caption, "neg": negs}) + "\n")
-    cfg = _config(
+    cfg = tiny_run(
         shapes,
         tmp_path,
         "negs",
@@ -111,7 +92,7 @@ def test_negatives_column_of_the_table_is_used(shapes, tmp_path):
 
 def test_ft_clip_head_starts_at_zero_shot_and_is_scored_through_its_head(shapes, tmp_path, labelled):
     spec = {"path": str(labelled), "templates": TEMPLATES}
-    cfg = _config(
+    cfg = tiny_run(
         shapes,
         tmp_path,
         "ft",
@@ -133,7 +114,7 @@ def test_ft_clip_head_starts_at_zero_shot_and_is_scored_through_its_head(shapes,
 
 def test_flyp_trains_contrastively_on_class_prompts_with_label_aware_targets(shapes, tmp_path, labelled):
     spec = {"path": str(labelled), "templates": TEMPLATES}
-    cfg = _config(shapes, tmp_path, "flyp", data={"train": None, "labelled": spec}, loss={"name": "unicl"})
+    cfg = tiny_run(shapes, tmp_path, "flyp", data={"train": None, "labelled": spec}, loss={"name": "unicl"})
     trainer = build_trainer(resolve_config(cfg))
     classes = read_classification(ZeroShotSpec(**spec))
     assert trainer.dataset.fields == ("image", "tokens", "group")
@@ -151,7 +132,7 @@ def test_training_from_shards(shapes, tmp_path):
     from cliptune.data.shards import write_shards
 
     write_shards(read_caption_table(TableSpec(path=str(shapes / "train.csv"))), tmp_path / "shards", max_count=20)
-    cfg = _config(shapes, tmp_path, "stream", data={"train": None, "shards": str(tmp_path / "shards")})
+    cfg = tiny_run(shapes, tmp_path, "stream", data={"train": None, "shards": str(tmp_path / "shards")})
     results = cliptune.finetune(cfg)
     assert results["run"]["steps"] == 96 // 16  # one process, no workers: one stream of all 96 samples
 
@@ -167,7 +148,7 @@ def test_training_from_shards(shapes, tmp_path):
 )
 def test_objective_config_errors_name_the_key(shapes, tmp_path, sections, message):
     with pytest.raises(ConfigError, match=message):
-        build_trainer(resolve_config(_config(shapes, tmp_path, "bad", **sections)))
+        build_trainer(resolve_config(tiny_run(shapes, tmp_path, "bad", **sections)))
 
 
 @pytest.mark.slow
@@ -176,7 +157,7 @@ def test_chunked_batches_train_like_whole_batches_for_other_objectives(shapes, t
     """GradCache with the objective's extra inputs (SigLIP's bias, hard negatives chunked with the captions)."""
 
     def losses(name: str, **train) -> list[float]:
-        cfg = _config(shapes, tmp_path, name, loss=loss, train=train, runtime={"log_every": 1})
+        cfg = tiny_run(shapes, tmp_path, name, loss=loss, train=train, runtime={"log_every": 1})
         cliptune.finetune(cfg)
         return step_losses(tmp_path / name)
 

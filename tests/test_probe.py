@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "probe.py"
+from tests.helpers import ROOT
+
+_PATH = ROOT / "benchmarks" / "probe.py"
 
 
 def _load():

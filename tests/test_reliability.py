@@ -24,7 +24,7 @@ from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.logging import read_jsonl, truncate_after
 from cliptune.utils.files import HOST, atomic_dir, atomic_write, is_within, remove_stale_temporaries, temporary_name
 from cliptune.utils.lock import LOCK_FILE, FolderInUseError, FolderLock
-from tests.test_train import run_config, write_yaml
+from tests.helpers import run_config, write_yaml
 
 
 def _dead_pid() -> int:

@@ -2,13 +2,13 @@
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 from cliptune.data.synthetic import make_shapes
+from tests.helpers import ROOT
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "search.py"
+_PATH = ROOT / "benchmarks" / "search.py"
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ from cliptune.eval.retrieval import validation_loss
 from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.data import split_validation
 from cliptune.train.selection import Selection
-from tests.test_train import run_config, write_yaml
+from tests.helpers import run_config, write_yaml
 
 STEPS_PER_EPOCH = 6  # 96 shapes images, batches of 16
 

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 import cliptune
 from cliptune.config import ConfigError
 from cliptune.models import load_model
-from tests.test_train import run_config
+from tests.helpers import run_config
 
 
 def _run(shapes: Path, out: Path, epochs: int = 2, **sections) -> dict:

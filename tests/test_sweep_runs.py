@@ -13,7 +13,7 @@ from cliptune.cli import main
 from cliptune.config import ConfigError
 from cliptune.eval import EvalSuite
 from cliptune.train import runs, sweep
-from tests.test_train import run_config, write_yaml
+from tests.helpers import run_config, write_yaml
 
 VALUE = {0.001: 50.0, 0.0001: 10.0, 0.01: 70.0}  # the scripted mean recall of a trial, by its learning rate
 LRS = list(VALUE)

@@ -4,11 +4,12 @@ import importlib.util
 import math
 import re
 import sys
-from pathlib import Path
 
 import pytest
 
-_PATH = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+from tests.helpers import ROOT
+
+_PATH = ROOT / "benchmarks" / "throughput.py"
 
 
 def _load():

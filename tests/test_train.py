@@ -2,8 +2,6 @@
 
 import importlib.util
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +13,12 @@ from safetensors.torch import load_file
 import cliptune
 from cliptune.config import ConfigError
 from cliptune.train.checkpoint import latest_checkpoint
+from tests.helpers import ROOT, cli, run_config, write_yaml
 
 
 def _kill_resume():
     """benchmarks/kill_resume.py: its `paused` runner lets a test kill a run inside a checkpoint write."""
-    path = Path(__file__).resolve().parents[1] / "benchmarks" / "kill_resume.py"
+    path = ROOT / "benchmarks" / "kill_resume.py"
     spec = importlib.util.spec_from_file_location("bench_kill_resume", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -27,34 +26,6 @@ def _kill_resume():
 
 
 RETRIEVAL = {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"}
-
-
-def run_config(shapes: Path, out: Path, arch: str = "cliptune-tiny-vit", epochs: int = 3, **extra) -> dict:
-    cfg = {
-        "name": "run",
-        "model": {"arch": arch},
-        "data": {"train": {"path": str(shapes / "train.csv")}},
-        "eval": {"retrieval": [{"name": "val", "path": str(shapes / "val.csv")}]},
-        "train": {"epochs": epochs, "batch_size": 16},
-        "optim": {"lr": 1e-3, "warmup_steps": 3},
-        "runtime": {"output_dir": str(out), "progress": False, "seed": 0},
-    }
-    for key, value in extra.items():
-        section, name = key.split("__")
-        cfg.setdefault(section, {})[name] = value
-    return cfg
-
-
-def write_yaml(cfg: dict, path: Path) -> Path:
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def cli(*args: str, check: bool = True) -> subprocess.CompletedProcess:
-    proc = subprocess.run([sys.executable, "-m", "cliptune.cli", *args], capture_output=True, text=True)
-    if check:
-        assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 @pytest.mark.slow
