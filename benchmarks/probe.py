@@ -16,7 +16,7 @@ Only public entry points that exist on every version are called (config.build / 
 data.read_caption_table, cliptune.load, cliptune.finetune, the `cliptune` command), so the same probe measures the
 tree before and after a change:
 
-    PYTHONPATH=src python benchmarks/probe.py                 # fast cases (also run by tests/test_probe.py)
+    PYTHONPATH=src python benchmarks/probe.py                 # fast cases (also run by tests/benchmarks/test_probe.py)
     PYTHONPATH=src python benchmarks/probe.py --slow --write  # + checkpoints, NaN loss and CLI; into RESULTS.md
 """
 

@@ -108,6 +108,15 @@ def test_models_depend_on_no_other_package():
     assert set(_package_imports("models")) <= {"config", "utils"}
 
 
+def test_tests_mirror_the_packages():
+    """tests/<name>/ holds the tests of src/cliptune/<name>/ (benchmarks/: of the scripts there); each is a package."""
+    tests = Path(__file__).parent
+    folders = {p.name for p in tests.iterdir() if p.is_dir() and not p.name.startswith((".", "_"))}
+    packages = {p.parent.name for p in SRC.glob("*/__init__.py")}
+    assert folders - {"benchmarks"} <= packages
+    assert all((tests / name / "__init__.py").is_file() for name in folders)
+
+
 def test_import_check_sees_lazy_imports(tmp_path):
     source = tmp_path / "x.py"
     source.write_text("def f():\n    from cliptune.eval.zeroshot import evaluate_zeroshot\n    import cliptune.train\n")

@@ -2,7 +2,7 @@
 
 One spawn runs every case (each loss with equal, unequal and empty local batches, and a real DistributedDataParallel
 model per loss) and saves what each rank saw; the tests compare that with one process in float64. Convention checked,
-as for `gathered_clip_loss` (tests/test_gather.py): each rank's loss value is the global loss; the raw gradient of a
+as for `gathered_clip_loss` (test_gather.py): each rank's loss value is the global loss; the raw gradient of a
 rank's per-row inputs (features, negatives, tokens) is world_size times the single-process gradient of those rows;
 the gradient of the replicated scalars (logit_scale, logit_bias) averaged over ranks is the single-process one; and
 the parameter gradients of a DDP model, which DDP averages over ranks, equal the single-process ones.

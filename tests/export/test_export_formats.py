@@ -22,9 +22,9 @@ from cliptune.models.heads import add_heads
 from cliptune.models.openclip import create
 from cliptune.models.prompted import add_prompts
 from cliptune.tuning.wise import interpolated_model
+from tests.export.test_export_onnx import tuned
 from tests.helpers import run_config
-from tests.test_export_onnx import tuned
-from tests.test_wise import fake_run
+from tests.tuning.test_wise import fake_run
 
 CAPTIONS = ["a photo of a cat", "A big, RED square!", "", "café au lait — naïve “quotes” ﬁsh", "dog " * 90]
 
