@@ -34,6 +34,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import typing
 import warnings
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -140,8 +141,6 @@ def prepare(scratch: Path) -> Path:
 
 _SKIP_PREFIXES = ("model.image_tower.", "model.text_tower.", "data.train.", "data.labelled.", "eval.retrieval[")
 _SKIP_PREFIXES += ("eval.zeroshot[", "eval.compositionality[", "eval.validation[")
-# Sections that are off (None) by default: their keys exist only once the section is given.
-_SKIP_PREFIXES += ("data.augment.", "train.early_stopping.", "train.select.")
 _NEGATIVE_OK = {"loss.siglip_bias_init"}
 _NUMBER_VALUES = ("abc", "[1]", "{a: 1}", "true", "nan", "inf", "-inf", "-1")
 _INT_EXTRA = ("1.5",)
@@ -161,10 +160,11 @@ def _choices(key: str) -> tuple[str, ...] | None:
 
     from cliptune.config import RunConfig
 
-    cls: Any = RunConfig()
+    cls: Any = RunConfig
     *sections, name = key.split(".")
-    for part in sections:
-        cls = getattr(cls, part)
+    for part in sections:  # by the fields' types: a section that is off by default (None) has no instance
+        hint = typing.get_type_hints(cls)[part]
+        cls = next(a for a in (*typing.get_args(hint), hint) if dataclasses.is_dataclass(a))
     meta = {f.name: f.metadata for f in dataclasses.fields(cls)}.get(name, {})
     return meta.get("choices")
 
@@ -434,6 +434,114 @@ def data_cases() -> list[Case]:
         return Case(f"config data: {name}", "config data (API)", lambda w: config.build(data), mention)
 
     return [case(*row) for row in _DATA]
+
+
+# Sections that are off by default (data.augment, train.early_stopping, train.select) and eval.validation entries:
+# values of the right type that are still wrong, and wrong shapes of the sections themselves.
+def _augment(**keys: Any) -> dict[str, Any]:
+    return {"data": {"augment": keys}}
+
+
+def _stopping(**keys: Any) -> dict[str, Any]:
+    return {"train": {"early_stopping": keys}}
+
+
+def _select(**keys: Any) -> dict[str, Any]:
+    return {"train": {"select": keys}}
+
+
+def _validation(*sets: Any) -> dict[str, Any]:
+    return {"eval": {"validation": list(sets)}}
+
+
+_SECTIONS: list[tuple[str, Any, tuple[str, ...], bool]] = [
+    ("augment scale reversed", _augment(scale=[0.9, 0.1]), ("data.augment.scale",), True),
+    ("augment scale from 0", _augment(scale=[0, 1]), ("data.augment.scale",), True),
+    ("augment scale above 1", _augment(scale=[0.5, 2]), ("data.augment.scale",), True),
+    ("augment scale of three", _augment(scale=[0.1, 0.5, 1]), ("data.augment.scale",), True),
+    ("augment scale a number", _augment(scale=0.5), ("data.augment.scale",), True),
+    ("augment ratio reversed", _augment(ratio=[2, 0.5]), ("data.augment.ratio",), True),
+    ("augment ratio from 0", _augment(ratio=[0, 1]), ("data.augment.ratio",), True),
+    ("augment ratio of one", _augment(ratio=[1]), ("data.augment.ratio",), True),
+    ("augment hflip above 1", _augment(hflip=1.5), ("data.augment.hflip",), True),
+    ("augment re_prob above 1", _augment(re_prob=2), ("data.augment.re_prob",), True),
+    ("augment re_count 0", _augment(re_count=0), ("data.augment.re_count",), True),
+    ("augment colour jitter negative", _augment(color_jitter=-0.2), ("data.augment.color_jitter",), True),
+    ("augment policy unknown", _augment(auto_augment="bogus"), ("data.augment.auto_augment",), True),
+    ("augment policy empty", _augment(auto_augment=""), ("data.augment.auto_augment",), True),
+    ("augment interpolation unknown", _augment(interpolation="lanczos9"), ("data.augment.interpolation",), True),
+    ("augment re_mode unknown", _augment(re_mode="noise"), ("data.augment.re_mode",), True),
+    ("augment a list", {"data": {"augment": [1]}}, ("data.augment",), True),
+    ("augment a word", {"data": {"augment": "yes"}}, ("data.augment",), True),
+    ("augment unknown key", _augment(flip=0.5), ("data.augment.flip",), True),
+    ("augment all defaults", _augment(), (), False),
+    ("augment policy rand", _augment(auto_augment="rand-m9-mstd0.5-inc1"), (), False),
+    ("stopping patience 0", _stopping(patience=0), ("train.early_stopping.patience",), True),
+    ("stopping patience negative", _stopping(patience=-2), ("train.early_stopping.patience",), True),
+    ("stopping patience fractional", _stopping(patience=1.5), ("train.early_stopping.patience",), True),
+    ("stopping min_delta negative", _stopping(min_delta=-0.1), ("train.early_stopping.min_delta",), True),
+    ("stopping min_delta nan", _stopping(min_delta=float("nan")), ("train.early_stopping.min_delta",), True),
+    ("stopping a list", {"train": {"early_stopping": [3]}}, ("train.early_stopping",), True),
+    ("stopping true", {"train": {"early_stopping": True}}, ("train.early_stopping",), True),
+    ("stopping unknown key", _stopping(patients=3), ("train.early_stopping.patients",), True),
+    ("stopping all defaults", _stopping(), (), False),
+    ("select metric without set", _select(metric="mean_recall"), ("train.select.metric",), True),
+    ("select metric of three parts", _select(metric="a/b/c"), ("train.select.metric",), True),
+    ("select metric empty set", _select(metric="/mean_recall"), ("train.select.metric",), True),
+    ("select metric empty name", {**_select(metric="v/"), **_validation("v.csv")}, ("train.select.metric",), True),
+    ("select metric of no set", {**_select(metric="w/acc1"), **_validation("v.csv")}, ("train.select.metric",), True),
+    ("select metric a number", _select(metric=3), ("train.select.metric",), True),
+    ("select mode unknown", _select(mode="up"), ("train.select.mode",), True),
+    ("select a list", {"train": {"select": ["v/acc1"]}}, ("train.select",), True),
+    ("select a validation metric", {**_select(metric="v/mean_recall"), **_validation("v.csv")}, (), False),
+    ("validation entry a number", _validation(3), ("eval.validation[0]",), True),
+    ("validation entry empty", _validation(""), ("eval.validation[0]", "path"), True),
+    ("validation path empty", _validation({"path": " "}), ("eval.validation[0]", "path"), True),
+    ("validation without path", _validation({"name": "v"}), ("eval.validation[0]", "path"), True),
+    ("validation unknown key", _validation({"path": "v.csv", "bogus": 1}), ("eval.validation[0].bogus",), True),
+    ("validation classnames a word", _validation({"path": "d", "classnames": "a,b"}), ("classnames",), True),
+    ("validation template two slots", _validation({"path": "d", "templates": ["{} {}"]}), ("templates",), True),
+    ("validation templates empty", _validation({"path": "d", "templates": []}), ("templates",), True),
+    ("validation a mapping", {"eval": {"validation": {"path": "v.csv"}}}, ("eval.validation",), True),
+    ("validation split on a csv", _validation({"path": "v.csv", "split": "val"}), ("split",), True),
+    (
+        "validation named as a retrieval set",
+        {"eval": {"validation": [{"path": "a/v.csv"}], "retrieval": [{"path": "b/v.csv"}]}},
+        ("v",),
+        True,
+    ),
+    (
+        "validation named as the split",
+        {"data": {"train": "t.csv", "validation_split": 0.2}, "eval": {"validation": [{"path": "validation.csv"}]}},
+        ("validation",),
+        True,
+    ),
+    ("validation two sets", _validation("v.csv", {"path": "d", "templates": ["a {}"]}), (), False),
+]
+
+
+def _policy_case(policy: str) -> Case:
+    """A policy string that passes the config's prefix check but that timm's parser rejects when training starts."""
+
+    def run(work: Path) -> Any:
+        from cliptune import config
+        from cliptune.data.augment import train_transform
+        from cliptune.models.base import ImagePreprocessing
+
+        cfg = config.build(_augment(auto_augment=policy))
+        return train_transform(cfg.data.augment, ImagePreprocessing(32, (0.5,) * 3, (0.5,) * 3, "bicubic"), False)
+
+    return Case(f"config data: augment policy {policy}", "sections off by default", run, ("data.augment",))
+
+
+def section_cases() -> list[Case]:
+    from cliptune import config
+
+    def case(name: str, data: Any, mention: tuple[str, ...], bad: bool) -> Case:
+        return Case(f"config data: {name}", "sections off by default", lambda w: config.build(data), mention, bad)
+
+    policies = ("rand-zz9", "rand-m9-n", "augmix-q7", "original-x", "v0-", "3a-bogus")
+    return [case(*row) for row in _SECTIONS] + [_policy_case(p) for p in policies]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -733,7 +841,7 @@ def _payload_file(work: Path) -> Path:
 
 
 def fast_cases() -> list[Case]:
-    cases = value_cases() + yaml_cases() + override_cases() + data_cases() + table_cases()
+    cases = value_cases() + yaml_cases() + override_cases() + data_cases() + section_cases() + table_cases()
     return cases + model_cases() + pretrained_cases()
 
 

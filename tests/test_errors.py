@@ -5,6 +5,7 @@ import torch
 
 import cliptune
 from cliptune.config import ConfigError
+from cliptune.data.errors import DataError
 from cliptune.train.checkpoint import latest_checkpoint, load_weights
 from cliptune.train.loop import TrainingDiverged
 from tests.helpers import cli, run_config
@@ -69,3 +70,32 @@ def test_eval_sets_whose_scores_mean_nothing_are_named(caplog):
     assert "eval.retrieval tiny: 1 usable image" in caplog.text
     assert "eval.zeroshot cats: images of 1 class" in caplog.text
     assert "fine" not in caplog.text
+
+
+def _table_with_missing(shapes, tmp_path, present: int, missing: int):
+    rows = (shapes / "train.csv").read_text().splitlines()
+    header, good = rows[0], rows[1 : 1 + present]
+    images = str(shapes)  # the shapes rows' image paths are relative to its folder
+    absent = [f"images/gone_{i}.png,a shape that is gone" for i in range(missing)]
+    table = tmp_path / "short.csv"
+    table.write_text("\n".join([header, *good, *absent]) + "\n")
+    return {"path": str(table), "images_root": images}
+
+
+def test_skips_that_leave_less_than_a_batch_are_refused_naming_table_count_and_fix(shapes, tmp_path):
+    cfg = run_config(shapes, tmp_path, epochs=1)
+    cfg["data"]["train"] = _table_with_missing(shapes, tmp_path, present=5, missing=12)
+    with pytest.raises(DataError) as err:
+        cliptune.finetune(cfg)
+    message = str(err.value)
+    assert "'short'" in message and "5 usable images" in message and "train.batch_size 16" in message
+    assert "12 missing images (first: " in message and "gone_0.png" in message
+    assert "lower train.batch_size to at most 5" in message
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any training
+
+
+def test_one_usable_image_with_a_contrastive_loss_is_refused(shapes, tmp_path):
+    cfg = run_config(shapes, tmp_path, epochs=1)
+    cfg["data"]["train"] = _table_with_missing(shapes, tmp_path, present=1, missing=0)
+    with pytest.raises(DataError, match=r"'short': 1 usable image; loss.name clip .* at least 2"):
+        cliptune.finetune(cfg)

@@ -110,6 +110,7 @@ class TableSpec:
     )
 
     def __post_init__(self) -> None:
+        _check_path(self.path)
         if not self.name:
             self.name = Path(self.path).stem
         if self.split and not self.path.endswith(".json"):
@@ -129,6 +130,7 @@ class ZeroShotSpec:
     )
 
     def __post_init__(self) -> None:
+        _check_path(self.path)
         if not self.name:
             self.name = Path(self.path).stem
         if not self.templates:
@@ -137,6 +139,12 @@ class ZeroShotSpec:
             )
         for t in self.templates:
             _check_template(t, f"eval.zeroshot[{self.name}].templates")
+
+
+def _check_path(path: str) -> None:
+    """A data set's `path` must name something: an empty one would read the current folder."""
+    if not path.strip():
+        raise ConfigError("path: empty; give the file or folder of this data set")
 
 
 def _check_template(template: str, key: str) -> None:
@@ -165,6 +173,7 @@ class CompositionalitySpec:
     negatives_key: str = _doc("negatives", "column holding the false captions (a list, or `|`-separated text)")
 
     def __post_init__(self) -> None:
+        _check_path(self.path)
         if not self.name:
             self.name = Path(self.path).stem
 
@@ -223,11 +232,20 @@ class AugmentConfig:
         for key in ("hflip", "re_prob"):
             if getattr(self, key) is not None:
                 _unit_interval(f"data.augment.{key}", getattr(self, key))
+        if self.color_jitter is not None and self.color_jitter < 0:
+            raise ConfigError(f"data.augment.color_jitter: {self.color_jitter!r} must be >= 0, or null for none")
         policy = self.auto_augment
         if policy is not None and not policy.startswith(AUTO_AUGMENT_PREFIXES):
             raise ConfigError(
                 f"data.augment.auto_augment: {policy!r} is not a policy; start it with one of "
                 f"{', '.join(AUTO_AUGMENT_PREFIXES)} (e.g. rand-m9-mstd0.5-inc1)"
+            )
+        # timm's parser skips a section without a number silently (`rand-m9-n` is `rand-m9`): refuse it here.
+        loose = [part for part in (policy or "").split("-")[1:] if not re.fullmatch(r"[a-z]+\d.*", part)]
+        if loose:
+            raise ConfigError(
+                f"data.augment.auto_augment: {policy!r}: section {loose[0]!r} is not a key followed by a number "
+                "(e.g. m9, n2, mstd0.5); timm would ignore it"
             )
         if self.interpolation not in (None, "bicubic", "bilinear", "random", "nearest"):
             raise ConfigError(f"data.augment.interpolation: {self.interpolation!r}; use bicubic, bilinear or random")
@@ -401,7 +419,7 @@ class SelectConfig:
     mode: str = _choice("max", "max", "min", doc="whether larger or smaller values of the metric are better")
 
     def __post_init__(self) -> None:
-        if self.metric is not None and self.metric.count("/") != 1:
+        if self.metric is not None and (self.metric.count("/") != 1 or not all(self.metric.split("/"))):
             raise ConfigError(f"train.select.metric: {self.metric!r} must look like SET/METRIC, e.g. val/mean_recall")
 
 
@@ -413,10 +431,10 @@ class EarlyStoppingConfig:
     min_delta: float = _doc(0.0, "smallest change of the selection metric that counts as an improvement")
 
     def __post_init__(self) -> None:
-        if self.patience < 1 or self.min_delta < 0:
-            raise ConfigError(
-                f"train.early_stopping: patience {self.patience!r} must be >= 1 and min_delta {self.min_delta!r} >= 0"
-            )
+        if self.patience < 1:
+            raise ConfigError(f"train.early_stopping.patience: {self.patience!r} must be >= 1")
+        if self.min_delta < 0:
+            raise ConfigError(f"train.early_stopping.min_delta: {self.min_delta!r} must be >= 0")
 
 
 @dataclass

@@ -14,8 +14,10 @@ from torch.utils.data import DataLoader
 from cliptune.config import VALIDATION_SPLIT, ConfigError, RunConfig
 from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_caption_table
 from cliptune.data.datasets import NegativeSource, Transform
+from cliptune.data.errors import DataError
 from cliptune.data.shards import ShardStream
 from cliptune.features import TrunkCache
+from cliptune.losses import OBJECTIVES
 from cliptune.losses.objective import Objective
 from cliptune.models import ClipModel
 from cliptune.train.distributed import SINGLE, GlobalBatchSampler, World
@@ -39,6 +41,42 @@ def training_table(cfg: RunConfig) -> tuple[CaptionTable | None, list[int] | Non
         list(labelled.paths), [prompts[label] for label in labelled.labels], list(labelled.skipped), spec.name
     )
     return table, list(labelled.labels)
+
+
+def check_enough_images(cfg: RunConfig, table: CaptionTable | None) -> None:
+    """Refuse a training set that skipped rows left with fewer images than one batch, or a contrastive run on 1 image.
+
+    A set that is simply small trains with one batch of all of it (a warning, `steps_per_epoch`); one that skips made
+    small most likely has wrong paths or broken files, which a smaller batch would only hide.
+    """
+    if table is None or len(table) >= cfg.train.batch_size:
+        return
+    skipped = _skip_reasons(table)
+    if skipped:
+        raise DataError(
+            f"training set {table.name!r}: {len(table)} usable images, fewer than one batch (train.batch_size "
+            f"{cfg.train.batch_size}), after skipping {skipped}. Fix those rows (or `images_root`), or lower "
+            f"train.batch_size to at most {len(table)}"
+        )
+    if len(table) < 2 and OBJECTIVES[cfg.loss.name].uses_text:
+        raise DataError(
+            f"training set {table.name!r}: 1 usable image; loss.name {cfg.loss.name} contrasts each image with the "
+            "others of its batch, so it needs at least 2: add images"
+        )
+
+
+def _skip_reasons(table: CaptionTable) -> str:
+    """'3 missing images (first: a.png), 1 unreadable image, ...' for what reading `table` skipped; '' if nothing."""
+    missing = [p for p in table.skipped if not p.exists()]
+    unreadable = [p for p in table.skipped if p.exists()]
+    parts = [
+        f"{len(paths)} {what} image{'s' * (len(paths) != 1)} (first: {paths[0]})"
+        for what, paths in (("missing", missing), ("unreadable", unreadable))
+        if paths
+    ]
+    if table.empty_captions:
+        parts.append(f"{table.empty_captions} image{'s' * (table.empty_captions != 1)} with only empty captions")
+    return ", ".join(parts)
 
 
 def split_validation(table: CaptionTable, fraction: float, seed: int) -> tuple[CaptionTable, CaptionTable]:

@@ -32,7 +32,14 @@ from cliptune.train.checkpoint import (
     load_checkpoint,
     restore_training,
 )
-from cliptune.train.data import shard_stream, split_validation, steps_per_epoch, train_dataset, training_table
+from cliptune.train.data import (
+    check_enough_images,
+    shard_stream,
+    split_validation,
+    steps_per_epoch,
+    train_dataset,
+    training_table,
+)
 from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
 from cliptune.train.guard import check_progress, check_training_data, make_run_dir
@@ -232,6 +239,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     if cfg.data.validation_split and train_table is not None:
         train_table, split = split_validation(train_table, cfg.data.validation_split, cfg.runtime.seed)
         log.info("validation: %d of the training images held back (data.validation_split)", len(split))
+    check_enough_images(cfg, train_table)
     suite = EvalSuite.from_config(cfg.eval)
     validation, kinds = _validation_suite(cfg, split)
     selection = build_selection(cfg, kinds)
