@@ -72,6 +72,7 @@ def evaluate_compositionality(encoding: Encoding, table: CompositionalityTable) 
         raise ValueError(f"compositionality table {table.name!r} has no samples to evaluate")
     images = list(dict.fromkeys(table.images))
     texts = list(dict.fromkeys([*table.positives, *(n for negs in table.negatives for n in negs)]))
+    encoding.report_overflow(texts, f"compositionality set {table.name!r}")
     image_emb, text_emb = encoding.images(images), encoding.texts(texts)
     image_row, text_row = {p: i for i, p in enumerate(images)}, {t: i for i, t in enumerate(texts)}
     sample_images = torch.tensor([image_row[p] for p in table.images])

@@ -14,6 +14,7 @@ def evaluate_retrieval(encoding: Encoding, table: CaptionTable, loss_batch: int 
     """i2t/t2i R@1/5/10 and mean recall in percent, every caption of an image counted as its own query; with
     `loss_batch`, also `loss`: the validation loss (see `validation_loss`)."""
     captions, text_to_image = table.flat()
+    encoding.report_overflow(captions, f"eval set {table.name!r}")
     images, texts = encoding.images(table.images), encoding.texts(captions)
     out = metrics.retrieval(images, texts, text_to_image)
     if loss_batch:

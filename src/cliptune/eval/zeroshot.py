@@ -17,7 +17,7 @@ def class_weights(encoding: Encoding, data: LabelledImages, templates: list[str]
     head = getattr(model, "class_weights", None)
     if head is not None and list(getattr(model, "class_names", [])) == list(data.classnames):
         return head.detach().float().T.cpu()  # encodings are CPU tensors
-    return zeroshot_classifier(encoding, data.classnames, templates)
+    return zeroshot_classifier(encoding, data.classnames, templates, f"prompts of zero-shot set {data.name!r}")
 
 
 def evaluate_zeroshot(encoding: Encoding, data: LabelledImages, templates: list[str]) -> dict[str, float]:

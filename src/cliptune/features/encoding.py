@@ -7,6 +7,7 @@ training), and only its head runs at each evaluation.
 from __future__ import annotations
 
 import functools
+import logging
 from collections.abc import Sequence
 
 import torch
@@ -16,7 +17,9 @@ from PIL import Image
 from cliptune.features.batches import BatchRunner, ImageItem
 from cliptune.features.store import FeatureStore
 from cliptune.features.trunk_cache import TrunkCache
-from cliptune.models.base import ClipModel, Tower
+from cliptune.models.base import ClipModel, TextOverflow, Tower
+
+logger = logging.getLogger("cliptune.eval")
 
 
 class Encoding:
@@ -36,6 +39,7 @@ class Encoding:
         self.progress = progress
         self.runner = BatchRunner(model, precision, batch_size, workers, progress)
         self.trunks = TrunkCache(self.runner, cached, store)
+        self.overflow: dict[str, TextOverflow | None] = {}  # what `report_overflow` found, per set of captions
 
     @property
     def cached(self) -> list[Tower]:
@@ -62,6 +66,34 @@ class Encoding:
     def texts(self, texts: Sequence[str]) -> torch.Tensor:
         """(N, D) float32 CPU tensor of normalised caption embeddings, in input order."""
         return self._embed("text", list(texts))
+
+    def report_overflow(self, texts: Sequence[str], where: str) -> TextOverflow | None:
+        """`warn_overflow` once per `where` for this encoding: a run's evaluations share it, so a set that is
+        scored every epoch is named once."""
+        if where not in self.overflow:
+            self.overflow[where] = warn_overflow(self.model, texts, where)
+        return self.overflow[where]
+
+
+def warn_overflow(model: ClipModel, texts: Sequence[str], where: str) -> TextOverflow | None:
+    """Warn how many of `texts` are longer than the model's text context, and so cut short by its tokenizer;
+    returns the count (`ClipModel.text_overflow`), None where the model cannot count."""
+    found = model.text_overflow(list(texts))
+    if found is not None and found.truncated:
+        logger.warning(
+            "%s: %d of %d captions are longer than the model's text context of %d tokens and are cut short to it "
+            "(first: %s); shorten them, or use a model with a longer context",
+            where,
+            found.truncated,
+            len(texts),
+            found.context_length,
+            _excerpt(texts[found.first]),
+        )
+    return found
+
+
+def _excerpt(text: str, length: int = 60) -> str:
+    return repr(text if len(text) <= length else text[:length] + "...")
 
 
 def encode_images(

@@ -15,9 +15,14 @@ from cliptune.models.classifier import ClassifierModel
 from cliptune.models.errors import ModelError
 
 
-def zeroshot_classifier(encoding: Encoding, classnames: list[str], templates: list[str]) -> torch.Tensor:
-    """(D, C) weights: per class, the re-normalised mean of its normalised template embeddings."""
+def zeroshot_classifier(
+    encoding: Encoding, classnames: list[str], templates: list[str], where: str | None = None
+) -> torch.Tensor:
+    """(D, C) weights: per class, the re-normalised mean of its normalised template embeddings; prompts longer
+    than the text context are counted and named after `where` (a set's name) if given."""
     prompts = [t.format(c) for c in classnames for t in templates]
+    if where is not None:
+        encoding.report_overflow(prompts, where)
     emb = encoding.texts(prompts).view(len(classnames), len(templates), -1)
     return F.normalize(emb.mean(dim=1), dim=-1).T
 

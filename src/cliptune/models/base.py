@@ -105,6 +105,18 @@ def unsupported(what: str, model: nn.Module, supported: str) -> NotImplementedEr
     return NotImplementedError(f"{what} is not supported by the {type(model).__name__} model; {supported}")
 
 
+class TextOverflow(NamedTuple):
+    """Captions longer than the text context, which `tokenize` cuts short to it."""
+
+    truncated: int  # how many of the captions asked about
+    context_length: int  # tokens per caption, start and end tokens included
+    first: int | None  # index of the first one cut short
+
+
+# Captions tokenised at once when counting overflow: the untruncated ids of a whole large table would not fit.
+_OVERFLOW_CHUNK = 4096
+
+
 class ExportUnsupported(ModelError):
     """A model that the asked-for export format cannot hold; the message says why and which formats can."""
 
@@ -147,6 +159,7 @@ class ClipModel(nn.Module):
 
     `encode_image_tokens` / `encode_text_tokens` (dense features for token-level losses such as FSC-CLIP's local
     hard-negative loss) are optional: a backend that cannot give them keeps the default, which raises.
+    `text_overflow` (how many captions `tokenize` cuts short) is optional too: the default asks `hf_tokenizer`.
 
     Export (`cliptune.export`) asks the model itself: `export_formats` lists what it can be written as,
     `to_open_clip` / `to_hf` give the other library's model (the defaults raise `ExportUnsupported` naming the
@@ -197,6 +210,22 @@ class ClipModel(nn.Module):
 
     def tokenize(self, texts: list[str]) -> torch.Tensor:
         raise NotImplementedError
+
+    def text_overflow(self, texts: list[str]) -> TextOverflow | None:
+        """How many of `texts` have more tokens than `tokenize` keeps (they are cut short), so a run can say so.
+
+        Default: `hf_tokenizer()` without truncation against its `model_max_length` (the length `tokenize` pads to);
+        None, nothing counted, for a model that has no such tokenizer.
+        """
+        try:
+            tokenizer = self.hf_tokenizer()
+        except ModelError:
+            return None
+        limit, over = int(tokenizer.model_max_length), []
+        for start in range(0, len(texts), _OVERFLOW_CHUNK):
+            ids = tokenizer(list(texts[start : start + _OVERFLOW_CHUNK]), truncation=False, verbose=False)
+            over += [start + i for i, row in enumerate(ids["input_ids"]) if len(row) > limit]
+        return TextOverflow(len(over), limit, over[0] if over else None)
 
     @property
     def logit_scale(self) -> nn.Parameter:

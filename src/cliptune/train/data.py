@@ -17,6 +17,7 @@ from cliptune.data.datasets import NegativeSource, Transform
 from cliptune.data.errors import DataError
 from cliptune.data.shards import ShardStream
 from cliptune.features import TrunkCache
+from cliptune.features.encoding import warn_overflow
 from cliptune.losses import OBJECTIVES
 from cliptune.losses.objective import Objective
 from cliptune.models import ClipModel
@@ -138,6 +139,7 @@ def train_dataset(
     objective: Objective,
 ) -> TrainPairs:
     """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
+    warn_overflow(model, table.flat()[0], f"training set {table.name!r}")
     started = time.perf_counter()
     image_features = trunks.trunk_features("image", table.images) if "image" in trunks.cached else None
     text_features = trunks.trunk_features("text", table.flat()[0]) if "text" in trunks.cached else None
