@@ -932,6 +932,12 @@ def slow_cases() -> list[Case]:
         Case("train: NaN loss", "training (slow)", _diverge, ("optim.lr",)),
         Case("train: output_dir is a file", "training (slow)", _output_is_file, ("output_dir",)),
         Case("train: batch larger than the set", "training (slow)", _big_batch, ("batch_size",)),
+        Case("train: skips leave less than a batch", "training (slow)", _skips_below_a_batch, ("train",)),
+        Case("train: early stopping, no eval set", "training (slow)", _stop_blind, ("train.early_stopping",)),
+        Case("train: select a metric the set lacks", "training (slow)", _select_missing, ("train.select.metric",)),
+        Case("train: validation set missing", "training (slow)", _validation_missing, ("none.csv",)),
+        Case("train: augment policy timm rejects", "training (slow)", _bad_policy, ("data.augment",)),
+        Case("train: captions over the context", "training (slow)", _long_captions, ("train", "77 tokens")),
     ]
     return cases + cli_cases()
 
@@ -957,6 +963,46 @@ def _big_batch(work: Path) -> Any:
     cfg = _shapes_config(work, train={"batch_size": 500})
     cfg["name"] = "big"
     return cliptune.finetune(cfg)
+
+
+def _finetune(work: Path, name: str, **sections: Any) -> Any:
+    import cliptune
+
+    cfg = _shapes_config(work, **sections)
+    cfg["name"] = name
+    return cliptune.finetune(cfg)
+
+
+def _skips_below_a_batch(work: Path) -> Any:
+    rows = (work / "shapes" / "train.csv").read_text().splitlines()
+    gone = [f"gone_{i}.png,a shape that is gone" for i in range(20)]
+    (work / "shapes" / "train.csv").write_text("\n".join([*rows[:5], *gone]) + "\n")
+    return _finetune(work, "skips")
+
+
+def _stop_blind(work: Path) -> Any:
+    return _finetune(work, "blind", train={"early_stopping": {"patience": 1}})
+
+
+def _select_missing(work: Path) -> Any:
+    val = {"validation": [{"path": str(work / "shapes" / "val.csv"), "name": "val"}]}
+    return _finetune(work, "select", train={"select": {"metric": "val/acc1"}}, eval=val)
+
+
+def _validation_missing(work: Path) -> Any:
+    return _finetune(work, "noval", eval={"validation": [str(work / "none.csv")]})
+
+
+def _bad_policy(work: Path) -> Any:
+    return _finetune(work, "policy", data={"augment": {"auto_augment": "rand-zz9"}})
+
+
+def _long_captions(work: Path) -> Any:
+    table = work / "shapes" / "train.csv"
+    rows = table.read_text().splitlines()
+    image = rows[1].split(",")[0]
+    table.write_text("\n".join([*rows, f"{image},{' '.join(['a red square'] * 40)}"]) + "\n")
+    return _finetune(work, "long")
 
 
 class CliFailure(Exception):

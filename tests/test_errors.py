@@ -1,5 +1,7 @@
 """Failures a user causes at run time end in one message naming the setting, file or run, never a traceback."""
 
+import logging
+
 import pytest
 import torch
 
@@ -99,3 +101,12 @@ def test_one_usable_image_with_a_contrastive_loss_is_refused(shapes, tmp_path):
     cfg["data"]["train"] = _table_with_missing(shapes, tmp_path, present=1, missing=0)
     with pytest.raises(DataError, match=r"'short': 1 usable image; loss.name clip .* at least 2"):
         cliptune.finetune(cfg)
+
+
+def test_evaluating_one_set_names_a_score_that_means_nothing(shapes, tmp_path, caplog):
+    rows = (shapes / "val.csv").read_text().splitlines()
+    table = tmp_path / "one.csv"
+    table.write_text(f"{rows[0]}\n{rows[1]}\n")
+    with caplog.at_level(logging.WARNING, logger="cliptune"):
+        scores = cliptune.evaluate("cliptune-tiny-vit", {"path": str(table), "images_root": str(shapes)})
+    assert scores["mean_recall"] == 100.0 and "eval.retrieval one: 1 usable image" in caplog.text

@@ -10,7 +10,7 @@ from cliptune import config as config_mod
 from cliptune.config import CompositionalitySpec, RunConfig, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
 from cliptune.data.errors import DataError
-from cliptune.eval import Encoding, evaluate_retrieval, evaluate_zeroshot
+from cliptune.eval import Encoding, EvalSuite
 from cliptune.inference import Encoder, load, load_any
 from cliptune.models import ClipModel
 from cliptune.utils.files import close_folders
@@ -113,8 +113,12 @@ def evaluate(
 
         return evaluate_compositionality(encoding, compositionality_table(spec))
     if isinstance(spec, TableSpec):
-        return evaluate_retrieval(encoding, read_caption_table(spec))
-    return evaluate_zeroshot(encoding, read_classification(spec), spec.templates)
+        suite = EvalSuite(retrieval=[read_caption_table(spec)])
+    else:
+        suite = EvalSuite(zeroshot=[(read_classification(spec), spec.templates)])
+    suite.warn_degenerate()  # one image, or one class: the score means nothing
+    (results,) = suite.run(encoding).values()
+    return results
 
 
 def console_logging() -> None:
