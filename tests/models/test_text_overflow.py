@@ -9,7 +9,7 @@ import cliptune
 from cliptune.features import Encoding
 from cliptune.models import build_model
 from cliptune.models.prompted import add_prompts
-from tests.test_train import run_config
+from tests.helpers import run_config
 
 
 class _Records(logging.Handler):
