@@ -49,6 +49,10 @@ class TrunkCache:
             desc = f"encoding {tower}s (locked tower, once)"
             run = self.runner.run_images if tower == "image" else self.runner.run_texts
             memo.update(zip(missing, run(fn, todo, desc)))
-            if self.store is not None:
-                self.store.save(self.fingerprints[tower], memo)
+            self.save(tower)
         return torch.stack([memo[k] for k in keys])
+
+    def save(self, tower: Tower) -> None:
+        """Write `tower`'s outputs to the store, when there is one (entries added to `memo` directly included)."""
+        if self.store is not None:
+            self.store.save(self.fingerprints[tower], self.memo[tower])

@@ -24,7 +24,15 @@ from tqdm import tqdm
 
 from cliptune.data import DataError
 from cliptune.data.images import log_skipped, to_rgb
-from cliptune.features import FeatureStore, channels_last, default_workers, input_key, model_device, tower_fingerprint
+from cliptune.features import (
+    BatchRunner,
+    FeatureStore,
+    TrunkCache,
+    channels_last,
+    default_workers,
+    input_key,
+    model_device,
+)
 from cliptune.index import ann, store
 from cliptune.index.sources import Item, Source, file_key, open_item, read_source
 from cliptune.models import ClipModel
@@ -84,9 +92,9 @@ class Trunks:
     """
 
     def __init__(self, model: ClipModel, folder: str | Path, precision: str) -> None:
-        self.model, self.store = model, FeatureStore(folder)
-        self.fingerprint = tower_fingerprint(model, "image", precision)
-        self.memo = self.store.load(self.fingerprint)
+        self.model = model
+        self.cache = TrunkCache(BatchRunner(model, precision), ["image"], FeatureStore(folder))
+        self.memo = self.cache.memo["image"]
         self.added = 0
 
     @staticmethod
@@ -115,7 +123,7 @@ class Trunks:
 
     def save(self) -> None:
         if self.added:
-            self.store.save(self.fingerprint, self.memo)
+            self.cache.save("image")
 
 
 class _Images(Dataset):
