@@ -183,6 +183,11 @@ def _unit_interval(key: str, value: float) -> None:
         raise ConfigError(f"{key}: {value!r} is a probability; it must be in [0, 1]")
 
 
+def _at_least(key: str, value: float, minimum: int) -> None:
+    if value < minimum:
+        raise ConfigError(f"{key}: {value!r} must be >= {minimum}")
+
+
 def _range_pair(key: str, value: list[float] | None, upper: float | None = None) -> None:
     if value is None:
         return
@@ -249,8 +254,7 @@ class AugmentConfig:
             )
         if self.interpolation not in (None, "bicubic", "bilinear", "random", "nearest"):
             raise ConfigError(f"data.augment.interpolation: {self.interpolation!r}; use bicubic, bilinear or random")
-        if self.re_count < 1:
-            raise ConfigError(f"data.augment.re_count: {self.re_count!r} must be >= 1")
+        _at_least("data.augment.re_count", self.re_count, 1)
 
 
 @dataclass
@@ -403,8 +407,7 @@ class LossConfig:
         unknown = sorted(set(self.negative_kinds) - {"swap", "replace", "shuffle"})
         if unknown:
             raise ConfigError(f"loss.negative_kinds: {unknown} unknown; choose among swap, replace, shuffle")
-        if self.hard_negatives < 1:
-            raise ConfigError(f"loss.hard_negatives: {self.hard_negatives!r} must be >= 1")
+        _at_least("loss.hard_negatives", self.hard_negatives, 1)
 
 
 @dataclass
@@ -431,10 +434,8 @@ class EarlyStoppingConfig:
     min_delta: float = _doc(0.0, "smallest change of the selection metric that counts as an improvement")
 
     def __post_init__(self) -> None:
-        if self.patience < 1:
-            raise ConfigError(f"train.early_stopping.patience: {self.patience!r} must be >= 1")
-        if self.min_delta < 0:
-            raise ConfigError(f"train.early_stopping.min_delta: {self.min_delta!r} must be >= 0")
+        _at_least("train.early_stopping.patience", self.patience, 1)
+        _at_least("train.early_stopping.min_delta", self.min_delta, 0)
 
 
 @dataclass
