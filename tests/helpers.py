@@ -154,6 +154,13 @@ def spawn_and_wait(worker: Callable[..., None], args: tuple, nprocs: int, timeou
                 process.kill()
 
 
+def spawn_ranks(worker: Callable[..., None], tmp: Path, world: int, timeout_s: int = 120) -> list[dict]:
+    """Spawn `worker(rank, init_file, out_dir)` on `world` processes (rendezvous file and outputs in `tmp`) and load
+    what each rank saved as `rank{rank}.pt`."""
+    spawn_and_wait(worker, (str(tmp / "rendezvous"), str(tmp)), world, timeout_s=timeout_s)
+    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(world)]
+
+
 def gloo_group(rank: int, world: int, init_file: str) -> None:
     """Join a gloo process group through a rendezvous file (no port to pick), one thread per process."""
     torch.set_num_threads(1)

@@ -91,15 +91,14 @@ def _cells(markdown: str, label: str) -> list[str]:
     return [c.strip() for c in row.strip("|").split("|")]
 
 
-@pytest.mark.slow
-def test_tiny_train_run_of_both_sides(tmp_path):
-    """open_clip's trainer and cliptune's worker really run, log every step, and land in the table."""
-    settings = bench.Settings(
+def _tiny_settings(**changes) -> bench.Settings:
+    """Settings for a tiny CPU run of the cliptune-tiny-vit arch, one thread, with `changes` applied."""
+    defaults = dict(
         archs=["cliptune-tiny-vit"],
         batch=4,
-        steps=2,
+        steps=1,
         warmup=1,
-        variants=["fp32"],
+        variants=[],
         memory_batches=[8],
         chunk=4,
         loader_batches=1,
@@ -109,6 +108,13 @@ def test_tiny_train_run_of_both_sides(tmp_path):
         memory_arch="cliptune-tiny-vit",
         memory_precision="fp32",
     )
+    return bench.Settings(**(defaults | changes))
+
+
+@pytest.mark.slow
+def test_tiny_train_run_of_both_sides(tmp_path):
+    """open_clip's trainer and cliptune's worker really run, log every step, and land in the table."""
+    settings = _tiny_settings(steps=2, variants=["fp32"])
     runs = bench.train_runs(settings, tmp_path)
     assert [(r.label, r.error) for r in runs] == [("open_clip_train", None), ("cliptune fp32", None)]
     assert all(r.timing.samples_per_s > 0 and r.peak_rss_mib > 100 for r in runs)
@@ -126,21 +132,7 @@ def test_tiny_train_run_of_both_sides(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_memory_rows(tmp_path):
-    settings = bench.Settings(
-        archs=[],
-        batch=4,
-        steps=1,
-        warmup=1,
-        variants=[],
-        memory_batches=[8],
-        chunk=4,
-        loader_batches=1,
-        threads=1,
-        workers=0,
-        device="cpu",
-        memory_arch="cliptune-tiny-vit",
-        memory_precision="fp32",
-    )
+    settings = _tiny_settings(archs=[])
     rows = bench.memory_rows(settings, tmp_path)
     assert [(r["batch"], r["chunk"]) for r in rows] == [(8, None), (8, 4)]
     assert all("error" not in r and r["peak_mib"] >= r["built_mib"] > 100 for r in rows)
@@ -151,21 +143,7 @@ def test_tiny_memory_rows(tmp_path):
 
 @pytest.mark.slow
 def test_tiny_loader_rows(tmp_path):
-    settings = bench.Settings(
-        archs=["cliptune-tiny-vit"],
-        batch=4,
-        steps=1,
-        warmup=1,
-        variants=[],
-        memory_batches=[],
-        chunk=4,
-        loader_batches=2,
-        threads=1,
-        workers=0,
-        device="cpu",
-        memory_arch="cliptune-tiny-vit",
-        memory_precision="fp32",
-    )
+    settings = _tiny_settings(memory_batches=[], loader_batches=2)
     rows = bench.loader_rows(settings, tmp_path)
     assert [(r["pipeline"], r["workers"]) for r in rows] == [
         (p, w) for w in (0, 1, 2) for p in ("cliptune", "open_clip")

@@ -18,7 +18,7 @@ from torch import nn
 
 from cliptune.losses.clip import clip_loss, clip_loss_directions
 from cliptune.losses.gather import gather_with_grad, gathered_clip_loss, gathered_clip_terms
-from tests.helpers import gloo_group, spawn_and_wait
+from tests.helpers import gloo_group, spawn_ranks
 
 WORLD = 2
 DIM = 5
@@ -113,9 +113,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the two gloo ranks computed, per case."""
-    tmp = tmp_path_factory.mktemp("gather")
-    spawn_and_wait(_worker, (str(tmp / "rendezvous"), str(tmp)), WORLD, timeout_s=120)
-    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("gather"), WORLD)
 
 
 @pytest.mark.parametrize("name", list(CASES))

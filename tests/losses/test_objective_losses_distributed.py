@@ -21,7 +21,7 @@ from cliptune.losses.fsc import fsc_loss, global_hn_loss, local_hn_loss
 from cliptune.losses.negclip import negclip_loss, negclip_terms
 from cliptune.losses.siglip import siglip_loss, siglip_terms
 from cliptune.losses.unicl import unicl_loss, unicl_terms
-from tests.helpers import gloo_group, spawn_and_wait
+from tests.helpers import gloo_group, spawn_ranks
 
 WORLD = 2
 D, N, P, L = 4, 2, 3, 4
@@ -153,9 +153,7 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory) -> list[dict]:
     """What each of the two gloo ranks computed, per case."""
-    tmp = tmp_path_factory.mktemp("objective-losses")
-    spawn_and_wait(_worker, (str(tmp / "rendezvous"), str(tmp)), WORLD, timeout_s=120)
-    return [torch.load(tmp / f"rank{rank}.pt") for rank in range(WORLD)]
+    return spawn_ranks(_worker, tmp_path_factory.mktemp("objective-losses"), WORLD)
 
 
 def _single_process(case: str) -> dict[str, torch.Tensor]:
