@@ -101,11 +101,12 @@ class Trunks:
     def key(item: Item) -> str | None:
         return input_key(item.file, "image") if item.offset < 0 else None  # tar members are not cached
 
-    def known(self, item: Item) -> bool:
-        return self.key(item) in self.memo
-
     def embed(
-        self, items: Sequence[Item], stored: Sequence[bool], pixels: torch.Tensor | None, layout: torch.memory_format
+        self,
+        keys: Sequence[str | None],
+        stored: Sequence[bool],
+        pixels: torch.Tensor | None,
+        layout: torch.memory_format,
     ) -> torch.Tensor:
         """Unnormalised embeddings: stored trunk outputs, or the trunk over `pixels` (the other items, in order)."""
         device = model_device(self.model)
@@ -113,8 +114,7 @@ class Trunks:
         if pixels is not None:
             fresh = iter(self.model.trunk("image", pixels.to(device, memory_format=layout)).float().cpu())
         rows = []
-        for item, known in zip(items, stored):
-            key = self.key(item)
+        for key, known in zip(keys, stored):
             row = self.memo[key] if known else next(fresh)
             if key is not None and not known:
                 self.memo[key], self.added = row, self.added + 1
@@ -170,7 +170,12 @@ def encode_chunks(
     trunks: Trunks | None = None,
 ) -> list[str]:
     """Encode `todo` into chunk files under `out/chunks`; returns the paths of images that could not be read."""
-    stored = frozenset(i for i, item in enumerate(todo) if trunks is not None and trunks.known(item))
+    keys: list[str | None] = []
+    stored: frozenset[int] = frozenset()
+    if trunks is not None:  # each file's key (a stat) once: for the lookup here and the embedding later
+        keys = [trunks.key(item) for item in todo]
+        stored = frozenset(i for i, key in enumerate(keys) if key in trunks.memo)
+        logger.info("%d of the images' trunk outputs are in the feature cache", len(stored))
     workers = default_workers(len(todo) - len(stored), batch_size) if workers is None else workers
     loader = DataLoader(
         _Images(todo, roots, model.eval_transform, stored),
@@ -188,7 +193,7 @@ def encode_chunks(
             if ids:
                 with torch.no_grad(), autocast(device, precision):
                     if trunks is not None:
-                        emb = trunks.embed([todo[i] for i in ids], [i in stored for i in ids], pixels, layout).float()
+                        emb = trunks.embed([keys[i] for i in ids], [i in stored for i in ids], pixels, layout).float()
                     else:
                         emb = model.encode_image(pixels.to(device, memory_format=layout)).float()
                 pending.append((ids, sizes, torch.nn.functional.normalize(emb, dim=-1).cpu().numpy()))
@@ -314,8 +319,6 @@ def build_index(
     trunks = Trunks(model, feature_cache, "fp32") if feature_cache and model.has_trunk("image") else None
     if feature_cache and trunks is None:
         logger.info("%s: the model's image tower has no separate trunk; --feature-cache is not used", feature_cache)
-    elif trunks is not None:
-        logger.info("%s: %d of the images' trunk outputs are stored", feature_cache, sum(map(trunks.known, todo)))
     chunk = max(chunk_size, batch_size)
     failed = encode_chunks(model, todo, source.roots, out, batch_size, workers, chunk, trunks=trunks)
     log_skipped(Path(str(images)), failed, len(source.items))
