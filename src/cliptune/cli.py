@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "compositionality":
         args.options = [*unknown, *args.options]
-    keep_freed_memory()  # 4.7x faster CPU convolutions; see utils/memory.py
+    keep_freed_memory()  # CPU forwards about 5x faster: utils/memory.py, benchmarks/heap.py
     try:
         return args.func(args)
     except (ConfigError, ValueError, OSError, FolderInUseError) as e:  # the project's errors are ValueError subclasses

@@ -3,8 +3,8 @@
 PyTorch's CPU tensors come from the C library's `malloc`. glibc serves any block over its mmap threshold (at most
 32 MB) with a fresh `mmap` and returns it with `munmap` when freed, so a convolutional forward over a batch, whose
 activations are hundreds of MB, page-faults every activation in afresh, every layer, every batch: on this project's
-machine EfficientNet-Lite0 encoded about 23 images/s at batch 128, with more time in the kernel than in the model.
-With large blocks kept on the heap and the heap never trimmed, the same forward ran at about 108 images/s, and its
+machine EfficientNet-Lite0 encoded 22.6 images/s at batch 128, with more time in the kernel than in the model. With
+large blocks kept on the heap and the heap never trimmed, the same forward ran at 117.1 images/s, and its
 outputs are bit-identical (only where memory comes from changes). `benchmarks/heap.py` measures both.
 
 The usual cure is to preload jemalloc or tcmalloc (PyTorch's CPU performance guide); that needs the environment set
