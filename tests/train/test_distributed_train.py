@@ -10,6 +10,8 @@ and RandAugment + random erasing (per-sample seeded), and a run resumed from its
 
 import json
 import os
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -79,7 +81,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
+def runs(shapes, tmp_path_factory) -> Iterator[tuple[Path, Path]]:
     """(two-process output dir, one-process output dir), every case trained in both."""
     tmp = tmp_path_factory.mktemp("ddp")
     two, one = tmp / "two", tmp / "one"
@@ -87,7 +89,8 @@ def runs(shapes, tmp_path_factory) -> tuple[Path, Path]:
     spawn_and_wait(_worker, (_free_port(), str(shapes), str(two)), WORLD, timeout_s=300)
     for name in CASES:
         _train(shapes, one, name)
-    return two, one
+    yield two, one
+    shutil.rmtree(tmp, ignore_errors=True)  # about 1 GB of checkpoints: free the disk for the rest of the suite
 
 
 def _losses(run: Path) -> list[float]:
