@@ -2,8 +2,10 @@
 embeddings resampled as the tower's own library does it, a saved model that rebuilds at its new size, and drop
 path that changes training outputs only."""
 
+import open_clip
 import pytest
 import torch
+import torch.nn.functional as F
 import torchvision
 from PIL import Image
 from timm.layers import resample_abs_pos_embed
@@ -37,13 +39,17 @@ def _images(size: int, n: int = 3) -> torch.Tensor:
 
 @pytest.mark.parametrize("name", SUPPORTED)
 def test_the_same_size_changes_nothing_and_a_larger_one_gives_finite_embeddings(configs, name, tmp_path):
-    model = _model(configs[name])
+    _same_size_changes_nothing_and_a_larger_one_rebuilds(configs[name], tmp_path)
+
+
+def _same_size_changes_nothing_and_a_larger_one_rebuilds(cfg: ModelConfig, tmp_path, step: int = 16) -> None:
+    model = _model(cfg)
     size = model.image_preprocessing().size
     images = _images(size)
     before = model.encode_image(images)
     model.set_image_size(size)
     assert torch.equal(model.eval().encode_image(images), before)
-    larger = size + 16
+    larger = size + step
     model.set_image_size(larger)
     assert model.image_preprocessing().size == larger
     assert model.eval_transform(Image.new("RGB", (70, 90))).shape[-2:] == (larger, larger)
@@ -51,7 +57,7 @@ def test_the_same_size_changes_nothing_and_a_larger_one_gives_finite_embeddings(
     assert out.shape == before.shape and torch.isfinite(out).all()
     loaded = load_model(save_model(model, tmp_path / "m"))  # the saved model records the size
     assert loaded.image_preprocessing().size == larger
-    torch.testing.assert_close(loaded.encode_image(_images(larger)), out)
+    assert torch.equal(loaded.encode_image(_images(larger)), out)  # the same weights, bit for bit
 
 
 def test_openclip_position_table_is_timms_resampling(configs):
@@ -73,9 +79,25 @@ def test_hf_resized_model_equals_transformers_on_the_fly_interpolation(configs, 
     torch.testing.assert_close(model.encode_image(images, normalize=False), on_the_fly)
 
 
+def test_openclip_resnet_resamples_its_attention_pool_grid_and_exports_at_the_new_size(configs, tmp_path):
+    _same_size_changes_nothing_and_a_larger_one_rebuilds(configs["openclip-rn"], tmp_path, step=32)
+    model = _model(configs["openclip-rn"])  # 64 px: a 2 x 2 grid after the ResNet's stride of 32
+    old = model.model.visual.attnpool.positional_embedding.detach().clone()
+    model.set_image_size(128)
+    grid = old[1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)  # independently: the grid as an image, resized
+    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False, antialias=True)
+    expected = torch.cat([old[:1], grid.permute(0, 2, 3, 1).reshape(16, -1)])  # the mean-pooled token kept
+    torch.testing.assert_close(model.model.visual.attnpool.positional_embedding.detach(), expected)
+    out = model.eval().encode_image(_images(128))
+    folder = cliptune.export(model, "open_clip", tmp_path / "oc")["out"]  # open_clip alone rebuilds it at 128 px
+    loaded, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{folder}")
+    assert preprocess(Image.new("RGB", (70, 90))).shape[-2:] == (128, 128)
+    torch.testing.assert_close(F.normalize(loaded.eval().encode_image(_images(128)), dim=-1), out)
+    with pytest.raises(ValueError, match=r"model.image_size: 100 px .*multiple of 32 \(e.g. 96\)"):
+        model.set_image_size(100)
+
+
 def test_unsupported_towers_say_who_supports_them(configs, shapes, tmp_path):
-    with pytest.raises(NotImplementedError, match=r"model.image_size .*OpenCLIP ViTs"):
-        _model(configs["openclip-rn"]).set_image_size(64)
     with pytest.raises(NotImplementedError, match=r"model.drop_path .*timm, efficientnet-lite or torchvision"):
         _model(configs["openclip-rn"]).set_drop_path(0.1)
     cfg = {
@@ -132,7 +154,7 @@ def cnn_configs(bert_dir) -> dict[str, ModelConfig]:
 
 @pytest.mark.parametrize("name", list(CNN_TOWERS))
 def test_convolutional_towers_take_a_new_size_and_rebuild_at_it(cnn_configs, name, tmp_path):
-    test_the_same_size_changes_nothing_and_a_larger_one_gives_finite_embeddings(cnn_configs, name, tmp_path)
+    _same_size_changes_nothing_and_a_larger_one_rebuilds(cnn_configs[name], tmp_path)
 
 
 def _tiny_torchvision_vit(weights: ViT_B_16_Weights | None = None, progress: bool = True, **kwargs) -> nn.Module:
@@ -146,7 +168,7 @@ def test_torchvision_vit_resamples_its_position_embeddings_as_torchvision_does(b
     # torchvision lists a builder as a classification model by the module that defines it
     monkeypatch.setattr(_tiny_torchvision_vit, "__module__", VisionTransformer.__module__)
     cfg = tiny_config(bert_dir, image=TowerConfig(source="torchvision", name="vit_b_16", pretrained=False))
-    test_the_same_size_changes_nothing_and_a_larger_one_gives_finite_embeddings({"vit": cfg}, "vit", tmp_path)
+    _same_size_changes_nothing_and_a_larger_one_rebuilds(cfg, tmp_path)
     model = _model(cfg)
     expected = interpolate_embeddings(240, 16, model.image_tower.state_dict())["encoder.pos_embedding"]
     model.set_image_size(240)

@@ -72,8 +72,8 @@ DROP_PATH_SUPPORT = (
     "(ConvNeXt, EfficientNet, Swin, MaxViT) image tower have it"
 )
 IMAGE_SIZE_SUPPORT = (
-    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite or torchvision "
-    "image tower can change input size"
+    "OpenCLIP ViTs and ResNets, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite or "
+    "torchvision image tower can change input size"
 )
 
 

@@ -20,8 +20,9 @@ import torch.nn.functional as F
 from open_clip.factory import parse_model_name
 from open_clip.hf_model import HFTextEncoder
 from open_clip.model import resize_pos_embed
-from open_clip.modified_resnet import AttentionPool2d
+from open_clip.modified_resnet import AttentionPool2d, ModifiedResNet
 from open_clip.transformer import QuickGELU, TextTransformer, VisionTransformer, text_global_pool
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from cliptune.config import ModelConfig
@@ -50,6 +51,8 @@ TINY_ARCHS = sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
 
 # Text-tower members of open_clip's CLIP class, which keeps its text transformer flat on the model.
 _FLAT_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
+RESNET_STRIDE = 32  # ModifiedResNet's total downsampling: its attention pool is built for an image_size // 32 grid
+_ATTNPOOL_POSITIONS = "visual.attnpool.positional_embedding"
 
 
 class OpenClipModel(ClipModel):
@@ -213,13 +216,24 @@ class OpenClipModel(ClipModel):
 
     def set_image_size(self, size: int) -> None:
         """The same weights in the architecture built for `size` (open_clip's `force_image_size`), with the position
-        embeddings resampled by open_clip's own `resize_pos_embed`, which its checkpoint loader applies too."""
-        self._vit("model.image_size", IMAGE_SIZE_SUPPORT)
-        preprocess = {**self.model.visual.preprocess_cfg, "size": size}
+        embeddings resampled by open_clip's own `resize_pos_embed` (ViT), which its checkpoint loader applies too, or
+        the ResNet attention pool's by `_resize_attention_pool`."""
+        visual = self.model.visual
+        if not isinstance(visual, (VisionTransformer, ModifiedResNet)):
+            name = type(visual).__name__
+            raise unsupported(f"model.image_size ({self.arch}, a {name} image tower)", self, IMAGE_SIZE_SUPPORT)
+        if isinstance(visual, ModifiedResNet) and size % RESNET_STRIDE:
+            raise ModelError(
+                f"model.image_size: {size} px does not fit {self.arch!r}, an OpenCLIP ResNet: its attention pool "
+                f"sees a size / {RESNET_STRIDE} grid, so the size must be a multiple of {RESNET_STRIDE} "
+                f"(e.g. {max(RESNET_STRIDE, size // RESNET_STRIDE * RESNET_STRIDE)})"
+            )
+        preprocess = {**visual.preprocess_cfg, "size": size}
         quick_gelu = any(isinstance(m, QuickGELU) for m in self.model.modules())
         resized = create(self.arch, None, quick_gelu=quick_gelu, preprocess=preprocess, image_size=size)
         state = self.model.state_dict()
         resize_pos_embed(state, resized.model)
+        _resize_attention_pool(state, resized.model)
         resized.model.load_state_dict(state)
         resized.model.train(self.model.training)
         self.model, self.train_transform, self.eval_transform = resized.model, *resized.transforms()
@@ -240,7 +254,7 @@ class OpenClipModel(ClipModel):
             "quick_gelu": uses_quick_gelu,
             "preprocess": dict(self.model.visual.preprocess_cfg),
         }
-        if isinstance(self.model.visual, VisionTransformer):  # rebuilt at this size (a resized model differs)
+        if isinstance(self.model.visual, (VisionTransformer, ModifiedResNet)):  # rebuilt at this size (resizable)
             spec["image_size"] = self.model.visual.image_size
         return json.loads(json.dumps(spec))  # tuples -> lists: the spec equals what model.json reads back
 
@@ -275,8 +289,9 @@ class OpenClipModel(ClipModel):
             raise self.cannot_export("open_clip", f"open_clip has no config for {self.arch!r}")
         if any(isinstance(m, QuickGELU) for m in self.model.modules()):
             cfg["quick_gelu"] = True  # a tag or model.json may force it on an architecture that defaults to GELU
-        if isinstance(self.model.visual, VisionTransformer):  # model.image_size may have resized it
-            cfg["vision_cfg"]["image_size"] = self.model.visual.image_size[0]
+        if isinstance(self.model.visual, (VisionTransformer, ModifiedResNet)):  # model.image_size may have resized it
+            size = self.model.visual.image_size  # ViT: (h, w); ResNet: an int
+            cfg["vision_cfg"]["image_size"] = size[0] if isinstance(size, tuple) else size
         return json.loads(json.dumps(cfg))
 
     def to_open_clip(self) -> OpenClipExport:
@@ -397,6 +412,20 @@ def _check_pretrained(arch: str, pretrained: str | None) -> None:
 
 def build(cfg: ModelConfig) -> OpenClipModel:
     return create(cfg.arch, cfg.pretrained)
+
+
+def _resize_attention_pool(state: dict[str, torch.Tensor], model: nn.Module) -> None:
+    """A ResNet attention pool's position table in `state` resampled to `model`'s grid, in place.
+
+    open_clip's `resize_pos_embed` only knows the ViT's table. The pool's [1 + grid^2, width] table has the same
+    layout as a ViT's (the mean-pooled token first, then the grid row by row), so timm's `resample_abs_pos_embed`
+    (bicubic, antialiased, as open_clip resizes ViT tables) resamples the grid and keeps the first token.
+    """
+    old = state.get(_ATTNPOOL_POSITIONS)
+    if old is None or not isinstance(model.visual, ModifiedResNet):
+        return
+    grid = model.visual.image_size // RESNET_STRIDE
+    state[_ATTNPOOL_POSITIONS] = resample_abs_pos_embed(old[None], [grid, grid], num_prefix_tokens=1)[0]
 
 
 def rebuild(spec: dict[str, Any], folder: Path | None = None) -> OpenClipModel:
