@@ -1,11 +1,16 @@
 """Captions longer than a model's text context are counted (`ClipModel.text_overflow`) and named once per set."""
 
+import json
 import logging
+from pathlib import Path
 
+import open_clip
 import pytest
 import torch
 
 import cliptune
+from cliptune.config import TableSpec
+from cliptune.data import CaptionTable, read_caption_table
 from cliptune.features import Encoding
 from cliptune.models import build_model
 from cliptune.models.prompted import add_prompts
@@ -56,7 +61,7 @@ def test_eval_and_training_sets_name_their_cut_short_captions_once(shapes, tmp_p
     records = _Records()
     logging.getLogger("cliptune").addHandler(records)
     try:
-        cliptune.finetune(cfg)
+        out = cliptune.finetune(cfg)
     finally:
         logging.getLogger("cliptune").removeHandler(records)
     said = [m for m in records.messages if "longer than the model's text context" in m]
@@ -64,6 +69,26 @@ def test_eval_and_training_sets_name_their_cut_short_captions_once(shapes, tmp_p
     assert len(said) == 2, said
     assert said[0].startswith("training set 'long': 1 of ") and "context of 77 tokens" in said[0]
     assert said[1].startswith("eval set 'long_val': 1 of ") and "'a red square on a white" in said[1]
+    _check_reported_counts(out["run_dir"], read_caption_table(TableSpec(path=str(table), images_root=str(shapes))))
+
+
+def _check_reported_counts(run_dir: str, table: CaptionTable) -> None:
+    """results.json and summary.md carry each set's count, equal to an independent count: every caption tokenised
+    by open_clip's tokenizer with room to spare, its length compared with the 77-token context."""
+    captions = table.flat()[0]
+    lengths = (open_clip.get_tokenizer("cliptune-tiny-vit")(captions, context_length=1000) != 0).sum(dim=1)
+    expected = int((lengths > 77).sum())
+    assert expected == 1
+    results = json.loads((Path(run_dir) / "results.json").read_text())
+    counts = {c["set"]: c for c in results["text_overflow"]}
+    assert set(counts) == {"training set 'long'", "eval set 'long_val'"}
+    for count in counts.values():
+        assert (count["truncated"], count["texts"], count["context_length"]) == (expected, len(captions), 77)
+        assert count["first"].startswith("a red square on a white")
+    summary = (Path(run_dir) / "summary.md").read_text()
+    for where in counts:
+        line = f"- {where}: {expected} of {len(captions)} captions are longer than the model's text context of 77"
+        assert line in summary and "shorten them, or use a model with a longer context" in summary
 
 
 def test_a_model_without_a_tokenizer_to_count_with_counts_nothing(backends):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -39,7 +40,7 @@ class Encoding:
         self.progress = progress
         self.runner = BatchRunner(model, precision, batch_size, workers, progress)
         self.trunks = TrunkCache(self.runner, cached, store)
-        self.overflow: dict[str, TextOverflow | None] = {}  # what `report_overflow` found, per set of captions
+        self.overflow: dict[str, OverflowCount] = {}  # what `report_overflow` found, per set of captions
 
     @property
     def cached(self) -> list[Tower]:
@@ -68,11 +69,38 @@ class Encoding:
         return self._embed("text", list(texts))
 
     def report_overflow(self, texts: Sequence[str], where: str) -> TextOverflow | None:
-        """`warn_overflow` once per `where` for this encoding: a run's evaluations share it, so a set that is
-        scored every epoch is named once."""
+        """`warn_overflow` once per `where` (a set's description) for this encoding: a run's evaluations share it,
+        so a set that is scored every epoch is named once; `overflow` keeps each set's count for the run's report."""
         if where not in self.overflow:
-            self.overflow[where] = warn_overflow(self.model, texts, where)
-        return self.overflow[where]
+            found = warn_overflow(self.model, texts, where)
+            first = _short(texts[found.first]) if found is not None and found.first is not None else None
+            self.overflow[where] = OverflowCount(len(texts), found, first)
+        return self.overflow[where].found
+
+    def overflow_counts(self) -> list[dict[str, Any]]:
+        """Per set counted so far: {set, texts, truncated, context_length, first} (a run's results.json
+        `text_overflow`; `first` is the start of the first text cut short, or None); sets the model cannot count
+        for are left out."""
+        return [
+            {
+                "set": where,
+                "texts": count.texts,
+                "truncated": count.found.truncated,
+                "context_length": count.found.context_length,
+                "first": count.first,
+            }
+            for where, count in self.overflow.items()
+            if count.found is not None
+        ]
+
+
+class OverflowCount(NamedTuple):
+    """How many texts a set had, what `ClipModel.text_overflow` found among them (None: cannot count), and the
+    first text cut short."""
+
+    texts: int
+    found: TextOverflow | None
+    first: str | None
 
 
 def warn_overflow(model: ClipModel, texts: Sequence[str], where: str) -> TextOverflow | None:
@@ -92,8 +120,12 @@ def warn_overflow(model: ClipModel, texts: Sequence[str], where: str) -> TextOve
     return found
 
 
-def _excerpt(text: str, length: int = 60) -> str:
-    return repr(text if len(text) <= length else text[:length] + "...")
+def _excerpt(text: str) -> str:
+    return repr(_short(text))
+
+
+def _short(text: str, length: int = 60) -> str:
+    return text if len(text) <= length else text[:length] + "..."
 
 
 def encode_images(

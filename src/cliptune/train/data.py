@@ -16,8 +16,7 @@ from cliptune.data import CaptionTable, TrainPairs, collate_skip_none, read_capt
 from cliptune.data.datasets import NegativeSource, Transform
 from cliptune.data.errors import DataError
 from cliptune.data.shards import ShardStream
-from cliptune.features import TrunkCache
-from cliptune.features.encoding import warn_overflow
+from cliptune.features.encoding import Encoding
 from cliptune.losses import OBJECTIVES
 from cliptune.losses.objective import Objective
 from cliptune.models import ClipModel
@@ -134,12 +133,14 @@ def train_dataset(
     cfg: RunConfig,
     table: CaptionTable,
     model: ClipModel,
-    trunks: TrunkCache,
+    encoding: Encoding,
     labels: list[int] | None,
     objective: Objective,
 ) -> TrainPairs:
-    """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs."""
-    warn_overflow(model, table.flat()[0], f"training set {table.name!r}")
+    """Training pairs; a cached locked tower contributes its precomputed outputs instead of raw inputs. Captions cut
+    short by the text context are counted in `encoding.overflow`, beside the eval sets', for the run's report."""
+    encoding.report_overflow(table.flat()[0], f"training set {table.name!r}")
+    trunks = encoding.trunks
     started = time.perf_counter()
     image_features = trunks.trunk_features("image", table.images) if "image" in trunks.cached else None
     text_features = trunks.trunk_features("text", table.flat()[0]) if "text" in trunks.cached else None

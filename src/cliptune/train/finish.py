@@ -79,6 +79,7 @@ def finish(trainer: Trainer, seconds: float) -> dict[str, Any]:
         if trainer.cfg.eval.wise_select and selection is not None:
             selection["wise_alpha"] = _wise_select(trainer, wise)
             final = wise[selection["wise_alpha"]]
+    extra["text_overflow"] = trainer.encoding.overflow_counts()
     trainer.log.close()
     return write_results(trainer.run_dir, extra, selection, final)
 

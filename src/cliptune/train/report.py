@@ -48,6 +48,7 @@ def summary_markdown(results: dict[str, Any], title: str) -> str:
     baseline, final, last = results["baseline"], results["final"], results["last"]
     selection = results.get("selection")
     lines = [f"# {title}: before and after fine-tuning", "", *_selection_lines(selection), ""]
+    lines += _overflow_lines(results.get("text_overflow") or [])
     validation = set(selection["validation_sets"]) if selection else set()
     for name in final or last or baseline:
         role = "validation: chose the weights, not a held-out figure" if name in validation else "held-out, reported"
@@ -87,6 +88,18 @@ def _selection_lines(selection: dict[str, Any] | None) -> list[str]:
     if selection.get("wise_alpha") is not None:
         lines.append(f"WiSE-FT: model/ is alpha {selection['wise_alpha']:g}, chosen on `{selection['metric']}`.")
     return lines
+
+
+def _overflow_lines(counts: list[dict[str, Any]]) -> list[str]:
+    """One line per set with captions cut short by the text context (results.json `text_overflow`)."""
+    lines = [
+        f"- {c['set']}: {c['truncated']} of {c['texts']} captions are longer than the model's text context of "
+        f"{c['context_length']} tokens and were cut short (first: {c['first']!r}); shorten them, or use a model "
+        "with a longer context"
+        for c in counts
+        if c["truncated"]
+    ]
+    return ["Captions cut short:", "", *lines, ""] if lines else []
 
 
 def _fmt(value: float | None) -> str:

@@ -262,7 +262,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
     if train_table is None:
         dataset: TrainPairs | ShardStream = shard_stream(cfg, model, objective, where)
     else:
-        dataset = train_dataset(cfg, train_table, model, encoding.trunks, labels, objective)
+        dataset = train_dataset(cfg, train_table, model, encoding, labels, objective)
     optimizer = build_optimizer(model, cfg.optim, dict(objective.named_parameters()))
     steps = steps_per_epoch(cfg, dataset, where)
     scheduler = build_scheduler(optimizer, cfg.optim, steps * cfg.train.epochs, steps)
