@@ -25,6 +25,7 @@ from pathlib import Path
 
 import cliptune
 from cliptune import config as config_mod
+from cliptune.train.logging import epoch_text
 from cliptune.utils.memory import keep_freed_memory
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -66,6 +67,7 @@ def main() -> int:
 def _figures(cold: dict, epochs: int) -> list[str]:
     sel = cold["selection"]
     best, last = sel["best"], sel["last"]
+    best_epoch, last_epoch = epoch_text(best["epoch"]), epoch_text(last["epoch"])
     validation = cold["run"]["validation_images"]
     lines = [
         f"`python benchmarks/quickstart.py` on {machine()}.",
@@ -73,10 +75,10 @@ def _figures(cold: dict, epochs: int) -> list[str]:
         f"configs/quickstart.yaml (lite0-minilm, both towers locked, {epochs} epochs), "
         f"{cold['run']['train_images']} training images / {cold['run']['train_captions']} captions, and "
         f"{validation} images of the training titles held back as the validation split. Selection on "
-        f"`{sel['metric']}`: best {best['value']:.2f} after epoch {best['epoch']} (step {best['step']}), "
-        f"{last['value']:.2f} after the last epoch ({last['epoch']}). Held-out sets:",
+        f"`{sel['metric']}`: best {best['value']:.2f} after epoch {best_epoch} (step {best['step']}), "
+        f"{last['value']:.2f} after the last epoch ({last_epoch}). Held-out sets:",
         "",
-        f"| eval set | metric | before (random heads) | selected (model/, epoch {best['epoch']}) | last epoch |",
+        f"| eval set | metric | before (random heads) | selected (model/, epoch {best_epoch}) | last epoch |",
         "|---|---|---:|---:|---:|",
     ]
     for name in sel["reported_sets"]:

@@ -16,8 +16,10 @@ from cliptune.config import ConfigError, TableSpec, build
 from cliptune.data import read_caption_table
 from cliptune.eval import EvalSuite
 from cliptune.eval.retrieval import validation_loss
+from cliptune.train import runs
 from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.data import split_validation
+from cliptune.train.logging import epoch_text
 from cliptune.train.selection import Selection
 from tests.helpers import run_config, write_yaml
 
@@ -138,8 +140,10 @@ def test_mid_epoch_sigkill_resumes_to_the_uninterrupted_weights(shapes, tmp_path
     whole_dir = Path(whole["run_dir"])
     assert whole["run"]["steps"] == 12, "4 steps per epoch: 76 training images after the validation split"
     evals = [(r["epoch"], r["step"]) for r in _records(whole_dir / "metrics.jsonl")]
-    assert evals[::2] == [(0, 0), (1, 5), (2, 10), (3, 12)], "validation and val, every 5 steps and at the end"
+    # epoch = step / 4 in every record (Hugging Face Trainer's fractional epoch): 1.25 is a quarter into the second
+    assert evals[::2] == [(0, 0), (1.25, 5), (2.5, 10), (3, 12)], "validation and val, every 5 steps and at the end"
     evals = evals[::2]
+    assert list(whole["per_epoch"]) == ["0", "2", "3"], "the last evaluation within each epoch"
 
     config = write_yaml(_cadence_config(shapes, tmp_path / "cut"), tmp_path / "c.yaml")
     killer = tmp_path / "killer.py"
@@ -166,15 +170,33 @@ def test_mid_epoch_sigkill_resumes_to_the_uninterrupted_weights(shapes, tmp_path
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), folder
 
     def losses(path: Path) -> list[tuple]:
-        keys = ("step", "loss", "epoch_mean_loss", "val_loss/validation")
+        keys = ("step", "epoch", "loss", "epoch_mean_loss", "val_loss/validation")
         return [tuple(r.get(k) for k in keys) for r in _records(path)]
 
     assert sum(1 for *_, val in losses(run / "train.jsonl") if val is not None) == len(evals)
 
     assert losses(run / "train.jsonl") == losses(whole_dir / "train.jsonl"), "replayed steps logged twice or differ"
-    assert [(r["step"], r["eval"]) for r in _records(run / "metrics.jsonl")] == [
-        (r["step"], r["eval"]) for r in _records(whole_dir / "metrics.jsonl")
-    ]
+    assert [(r["step"], r["epoch"], r["eval"]) for r in _records(run / "metrics.jsonl")] == [
+        (r["step"], r["epoch"], r["eval"]) for r in _records(whole_dir / "metrics.jsonl")
+    ], "the resumed run numbers its evaluations as the uninterrupted one"
+    _same_epoch_at_each_step(run)
+    summary = (run / "summary.md").read_text()
+    best = results["selection"]["best"]
+    assert f"| selected (model/) | {epoch_text(best['epoch'])} | {best['step']} |" in summary
+    assert "| last | 3 | 12 |" in summary and best["epoch"] == best["step"] / 4
+    row = runs.run_row(run)
+    assert row.epochs == "3/3" and f"(e{epoch_text(best['epoch'])} s{best['step']})" in row.selected
+
+
+def _same_epoch_at_each_step(run: Path) -> None:
+    """Every train.jsonl record (step losses, epoch means, validation losses) and every evaluation at a step carry
+    one epoch, step / steps per epoch, whether the evaluation is mid-epoch or at an epoch's end."""
+    records = _records(run / "train.jsonl") + _records(run / "metrics.jsonl")
+    epochs: dict[int, set] = {}
+    for r in records:
+        epochs.setdefault(r["step"], set()).add(r["epoch"])
+    assert {s: e for s, e in epochs.items() if s in (5, 10, 12)} == {5: {1.25}, 10: {2.5}, 12: {3.0}}
+    assert all(e == {round(s / 4, 4)} for s, e in epochs.items()), epochs
 
 
 @pytest.mark.slow

@@ -11,7 +11,7 @@ from safetensors.torch import save_file
 from cliptune.config import VALIDATION_SPLIT
 from cliptune.models import ClipModel, save_model
 from cliptune.train.checkpoint import load_best
-from cliptune.train.logging import log
+from cliptune.train.logging import epoch_text, log
 from cliptune.train.report import write_results
 from cliptune.train.setup import Trainer
 from cliptune.tuning.lora import has_lora, lora_state_dict, merge_lora
@@ -32,7 +32,7 @@ def _save_final(trainer: Trainer) -> None:
         trainer.ema.copy_to(model)
     if trainer.selection is not None and trainer.selection.best is not None:
         best = load_best(run_dir / "checkpoints", model)  # the evaluated weights of the selected evaluation
-        log.info("model/: weights of epoch %d, step %d (%s)", best["epoch"], best["step"], best["metric"])
+        log.info("model/: weights of epoch %s, step %d (%s)", epoch_text(best["epoch"]), best["step"], best["metric"])
     if has_lora(model):
         with atomic_write(run_dir / "model" / "adapter.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in lora_state_dict(model).items()}, str(tmp))
@@ -99,7 +99,7 @@ def _run_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
     table = trainer.train_table
     return {
         "steps": trainer.state.step,
-        "epochs": trainer.state.epoch,
+        "epochs": trainer.logged_epoch,
         "train_images": len(table.images) if table is not None else None,
         "train_captions": table.num_captions if table is not None else None,
         "validation_images": next((len(t) for t in trainer.validation.retrieval if t.name == VALIDATION_SPLIT), None),

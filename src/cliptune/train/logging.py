@@ -14,6 +14,22 @@ log = logging.getLogger("cliptune")
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_LOG_FILE = "train.jsonl"
+EPOCH_DECIMALS = 4
+
+
+def epoch_at(step: int, steps_per_epoch: int) -> float:
+    """The epoch every record carries (train.jsonl, metrics.jsonl, results.json, summary.md, `cliptune runs`):
+    optimizer steps done in units of epochs, so 1.5 is halfway through the second epoch and 2.0 its end.
+
+    This is Hugging Face Trainer's `state.epoch`. It is a function of the step alone, so a step record and the
+    evaluation at the same step always agree, a resumed run numbers as the uninterrupted one, and at epoch ends it is
+    the count of whole epochs done (what epoch-cadence evaluations and `checkpoints/epoch_N/` count)."""
+    return round(step / max(steps_per_epoch, 1), EPOCH_DECIMALS)
+
+
+def epoch_text(epoch: float) -> str:
+    """An epoch for people: `2` at an epoch's end, `1.25` inside one."""
+    return f"{epoch:.{EPOCH_DECIMALS}f}".rstrip("0").rstrip(".")
 
 
 def _tensorboard(folder: Path) -> Any:
@@ -29,7 +45,7 @@ class RunLog:
         self.run_dir = run_dir
         self.writer = _tensorboard(run_dir)
 
-    def evaluation(self, epoch: int, step: int, results: dict[str, dict[str, float]]) -> None:
+    def evaluation(self, epoch: float, step: int, results: dict[str, dict[str, float]]) -> None:
         with (self.run_dir / METRICS_FILE).open("a") as f:
             for name, values in results.items():
                 f.write(json.dumps({"epoch": epoch, "step": step, "eval": name, **values}) + "\n")
@@ -51,7 +67,7 @@ class RunLog:
 class SilentLog:
     """The run log of a process other than the main one: only the main process writes files."""
 
-    def evaluation(self, epoch: int, step: int, results: dict[str, dict[str, float]]) -> None:
+    def evaluation(self, epoch: float, step: int, results: dict[str, dict[str, float]]) -> None:
         pass
 
     def train_step(self, record: dict[str, float]) -> None:
@@ -102,9 +118,9 @@ def truncate_after(path: Path, step: int) -> None:
 
 @dataclass
 class Evaluation:
-    """One evaluation of every eval set: after `epoch` whole epochs and `step` optimizer steps (0, 0: baseline)."""
+    """One evaluation of every eval set at optimizer step `step`, `epoch` = `epoch_at(step)` (0, 0: baseline)."""
 
-    epoch: int
+    epoch: float
     step: int
     results: dict[str, dict[str, float]] = field(default_factory=dict)
 

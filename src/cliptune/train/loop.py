@@ -30,7 +30,7 @@ from cliptune.train.distributed import barrier, broadcast_object
 from cliptune.train.finish import finish
 from cliptune.train.forward import Batch
 from cliptune.train.gradcache import chunked_backward
-from cliptune.train.logging import log
+from cliptune.train.logging import epoch_text, log
 from cliptune.train.runs import DONE, FAILED, INTERRUPTED, session_ended, session_started
 from cliptune.train.setup import Callback, Trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
@@ -184,7 +184,7 @@ def train_epoch(trainer: Trainer, epoch: int) -> None:
             trainer.log.train_step(
                 {
                     "step": trainer.state.step,
-                    "epoch": epoch + 1,
+                    "epoch": trainer.logged_epoch,
                     "loss": loss,
                     "lr": lr,
                     "logit_scale": math.exp(trainer.model.logit_scale.item()),
@@ -247,7 +247,8 @@ def _end_epoch(trainer: Trainer, epoch: int) -> None:
     trainer.state.epoch, trainer.state.batch = epoch + 1, 0
     total, count = trainer.epoch_loss
     if count:
-        trainer.log.train_step({"step": trainer.state.step, "epoch": epoch + 1, "epoch_mean_loss": total / count})
+        mean = {"step": trainer.state.step, "epoch": trainer.logged_epoch, "epoch_mean_loss": total / count}
+        trainer.log.train_step(mean)
     trainer.epoch_loss = (0.0, 0)
     if _eval_due_at_epoch_end(trainer):
         evaluate(trainer)
@@ -281,11 +282,11 @@ def _log_validation_losses(trainer: Trainer, results: dict[str, dict[str, float]
     `val_loss/SET`, beside the training loss."""
     losses = {f"val_loss/{name}": values["loss"] for name, values in results.items() if "loss" in values}
     if losses:
-        trainer.log.train_step({"step": trainer.state.step, "epoch": trainer.state.epoch, **losses})
+        trainer.log.train_step({"step": trainer.state.step, "epoch": trainer.logged_epoch, **losses})
 
 
 def _evaluate(trainer: Trainer, baseline: bool) -> dict[str, dict[str, float]]:
-    selection, state = trainer.selection, trainer.state
+    selection, state, epoch = trainer.selection, trainer.state, trainer.logged_epoch
     with evaluated_weights(trainer):
         # Validation sets also report their loss (selectable: SET/loss with mode min). Held-out sets keep to recalls
         # in the results; their loss only goes to the training log, beside the validation sets'.
@@ -295,19 +296,21 @@ def _evaluate(trainer: Trainer, baseline: bool) -> dict[str, dict[str, float]]:
         results = {**validation, **reported}
         if selection is not None and baseline:
             selection.value(results)  # a selection metric that does not exist fails before training, not after
-        elif selection is not None and selection.update(results, state.epoch, state.step):
-            record = {"epoch": state.epoch, "step": state.step, "metric": selection.metric, "results": results}
+        elif selection is not None and selection.update(results, epoch, state.step):
+            record = {"epoch": epoch, "step": state.step, "metric": selection.metric, "results": results}
             save_best(trainer.run_dir / "checkpoints", initial_state(trainer.model), record)
-    trainer.log.evaluation(state.epoch, state.step, results)
+    trainer.log.evaluation(epoch, state.step, results)
     _log_validation_losses(trainer, {**validation, **held_out})
     for name, values in results.items():
         shown = ", ".join(f"{k} {v:.2f}" for k, v in values.items())
-        log.info("eval %s (epoch %d, step %d): %s", name, state.epoch, state.step, shown)
+        log.info("eval %s (epoch %s, step %d): %s", name, epoch_text(epoch), state.step, shown)
     if selection is not None and not baseline and selection.best is not None:
         best = selection.best
-        log.info("selection %s: best %.4g (epoch %d, step %d)", selection.metric, best.value, best.epoch, best.step)
+        shown = epoch_text(best.epoch)
+        log.info("selection %s: best %.4g (epoch %s, step %d)", selection.metric, best.value, shown, best.step)
     if selection is not None and selection.stopped is not None:
-        log.warning("early stopping at epoch %d, step %d: %s", state.epoch, state.step, selection.stopped["reason"])
+        reason = selection.stopped["reason"]
+        log.warning("early stopping at epoch %s, step %d: %s", epoch_text(epoch), state.step, reason)
     return results
 
 

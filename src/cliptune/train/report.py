@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 from cliptune.metrics import headline
-from cliptune.train.logging import TRAIN_LOG_FILE, Evaluation, evaluations, read_jsonl
+from cliptune.train.logging import TRAIN_LOG_FILE, Evaluation, epoch_text, evaluations, read_jsonl
 from cliptune.utils.files import atomic_write
 
 Results = dict[str, dict[str, float]]
@@ -32,7 +33,7 @@ def write_results(
         "final": final if final is not None else (chosen.results if chosen else {}),
         "last": last.results if last else {},
         "selection": selection,
-        "per_epoch": {str(e.epoch): e.results for e in evals},  # the last evaluation of each epoch
+        "per_epoch": per_epoch(evals),
         "evaluations": [asdict(e) for e in evals],
         **extra,
     }
@@ -42,6 +43,12 @@ def write_results(
         tmp.write_text(summary_markdown(results, title=run_dir.name))
     plot_curves(run_dir, evals, best["step"] if best else None)
     return results
+
+
+def per_epoch(evals: list[Evaluation]) -> dict[str, Results]:
+    """The last evaluation within each epoch, keyed by the epoch's number: "2" holds the evaluation at epoch 2.0, or
+    failing that the last one inside it (1 < epoch < 2); "0" is the baseline."""
+    return {str(math.ceil(e.epoch)): e.results for e in evals}
 
 
 def summary_markdown(results: dict[str, Any], title: str) -> str:
@@ -75,7 +82,7 @@ def _selection_lines(selection: dict[str, Any] | None) -> list[str]:
     ]
     for label, point in (("selected (model/)", best), ("last", last)):
         if point:
-            lines.append(f"| {label} | {point['epoch']} | {point['step']} | {point['value']:.4g} |")
+            lines.append(f"| {label} | {epoch_text(point['epoch'])} | {point['step']} | {point['value']:.4g} |")
     lines.append("")
     validation, reported = selection["validation_sets"], selection["reported_sets"]
     lines.append(f"Validation sets (selection, early stopping, WiSE-FT alpha): {', '.join(validation) or 'none'}.")
@@ -84,7 +91,7 @@ def _selection_lines(selection: dict[str, Any] | None) -> list[str]:
         lines.append("Note: the selection metric is on a reported set, so that set's final figures are optimistic.")
     if selection.get("stopped"):
         stop = selection["stopped"]
-        lines.append(f"Early stopping at epoch {stop['epoch']}, step {stop['step']}: {stop['reason']}.")
+        lines.append(f"Early stopping at epoch {epoch_text(stop['epoch'])}, step {stop['step']}: {stop['reason']}.")
     if selection.get("wise_alpha") is not None:
         lines.append(f"WiSE-FT: model/ is alpha {selection['wise_alpha']:g}, chosen on `{selection['metric']}`.")
     return lines

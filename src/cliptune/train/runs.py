@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from cliptune import config as config_mod
-from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE
+from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, epoch_text
 from cliptune.utils.files import atomic_write
 
 STATUS_FILE = "status.json"
@@ -146,10 +146,10 @@ def describe_strategy(finetune: dict[str, Any]) -> str:
 
 
 def _point(point: dict[str, Any] | None) -> str:
-    return "" if not point else f"{point['value']:.2f} (e{point['epoch']} s{point['step']})"
+    return "" if not point else f"{point['value']:.2f} (e{epoch_text(point['epoch'])} s{point['step']})"
 
 
-def _progress(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, int | None]:
+def _progress(run_dir: Path) -> tuple[dict[str, Any] | None, dict[str, Any] | None, float | None]:
     """(selected, last, epochs done) from results.json, or from the newest checkpoint of an unfinished run."""
     results = run_dir / "results.json"
     if results.is_file():
@@ -171,7 +171,7 @@ def run_row(run_dir: Path) -> RunRow:
     status, minutes = run_status(run_dir)
     selected, last, epochs_done = _progress(run_dir)
     total = cfg.get("train", {}).get("epochs")
-    epochs = f"{epochs_done}/{total}" if epochs_done is not None else f"?/{total}"
+    epochs = f"{epoch_text(epochs_done)}/{total}" if epochs_done is not None else f"?/{total}"
     metric = (cfg.get("train", {}).get("select") or {}).get("metric") or ""
     return RunRow(
         name=run_dir.name,

@@ -13,15 +13,16 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from cliptune.config import ConfigError, RunConfig
+from cliptune.train.logging import epoch_text
 
 Results = dict[str, dict[str, float]]
 
 
 @dataclass
 class Point:
-    """One evaluation of the selection metric."""
+    """One evaluation of the selection metric; `epoch` as every record counts it (`logging.epoch_at`)."""
 
-    epoch: int
+    epoch: float
     step: int
     value: float
 
@@ -72,7 +73,7 @@ class Selection:
             return True
         return value > reference + margin if self.mode == "max" else value < reference - margin
 
-    def update(self, results: Results, epoch: int, step: int) -> bool:
+    def update(self, results: Results, epoch: float, step: int) -> bool:
         """Record one evaluation; True when it is the new best (its weights should be kept)."""
         value = self.value(results)
         self.last = Point(epoch, step, value)
@@ -88,7 +89,8 @@ class Selection:
                 "epoch": epoch,
                 "step": step,
                 "reason": f"{self.metric} did not improve by more than {self.min_delta:g} in {self.patience} "
-                f"evaluation(s) in a row (best {self.best.value:.4g} at epoch {self.best.epoch}, step {self.best.step})"
+                f"evaluation(s) in a row (best {self.best.value:.4g} at epoch {epoch_text(self.best.epoch)}, step "
+                f"{self.best.step})"
                 if self.best
                 else f"{self.metric} was NaN in {self.patience} evaluation(s) in a row",
             }

@@ -43,7 +43,7 @@ from cliptune.train.data import (
 from cliptune.train.distributed import SINGLE, World, barrier, check_batch, init_distributed, local_device
 from cliptune.train.forward import TrainModule
 from cliptune.train.guard import check_progress, check_training_data, make_run_dir
-from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, log, truncate_after
+from cliptune.train.logging import METRICS_FILE, TRAIN_LOG_FILE, RunLog, SilentLog, epoch_at, log, truncate_after
 from cliptune.train.optim import build_optimizer, build_scheduler
 from cliptune.train.selection import Selection, build_selection
 from cliptune.tuning.ema import EMA
@@ -122,6 +122,11 @@ class Trainer:
     @property
     def total_steps(self) -> int:
         return self.steps_per_epoch * self.cfg.train.epochs
+
+    @property
+    def logged_epoch(self) -> float:
+        """The epoch the records of this step carry (`logging.epoch_at`: 1.5 = halfway through the second epoch)."""
+        return epoch_at(self.state.step, self.steps_per_epoch)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -156,7 +156,7 @@ class _Reporter:
         self.trial.report(last.value, len(self.reported))
         if self.trial.should_prune():
             self.trial.set_user_attr(PRUNED_STEP, last.step)
-            self.trial.set_user_attr(PRUNED_EPOCH, trainer.state.epoch)
+            self.trial.set_user_attr(PRUNED_EPOCH, trainer.logged_epoch)
             raise optuna.TrialPruned(
                 f"pruned at step {last.step} (evaluation {len(self.reported)}): {trainer.selection.metric} "
                 f"{last.value:.4g} is worse than the median of the earlier trials there"
