@@ -2,6 +2,8 @@
 embeddings resampled as the tower's own library does it, a saved model that rebuilds at its new size, and drop
 path that changes training outputs only."""
 
+import shutil
+
 import open_clip
 import pytest
 import torch
@@ -98,7 +100,9 @@ def test_openclip_resnet_resamples_its_attention_pool_grid_and_exports_at_the_ne
 
 
 def test_unsupported_towers_say_who_supports_them(configs, shapes, tmp_path):
-    with pytest.raises(NotImplementedError, match=r"model.drop_path .*timm, efficientnet-lite or torchvision"):
+    with pytest.raises(
+        NotImplementedError, match=r"model.drop_path .*timm, efficientnet-lite, torchvision .* or Hugging Face"
+    ):
         _model(configs["openclip-rn"]).set_drop_path(0.1)
     cfg = {
         "model": {"arch": "cliptune-tiny-rn", "drop_path": 0.1},
@@ -207,16 +211,85 @@ def test_lite_drop_path_is_the_library_built_with_that_rate(cnn_configs):
     torch.testing.assert_close(ours, theirs)
 
 
-def test_towers_without_the_mechanism_name_the_key_and_the_tower(bert_dir, tmp_path):
-    from transformers import ViTConfig, ViTModel
-
+def test_towers_without_the_mechanism_name_the_key_and_the_tower(bert_dir, hf_towers):
     resnet = tiny_config(bert_dir, image=TowerConfig(source="torchvision", name="resnet18", pretrained=False))
     with pytest.raises(ValueError, match=r"model.drop_path: torchvision model 'resnet18' has no stochastic depth"):
         _model(resnet).set_drop_path(0.1)
-    vit = tmp_path / "hf-vit"
-    ViTModel(
-        ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=1, num_attention_heads=2)
-    ).save_pretrained(vit)
-    model = _model(tiny_config(bert_dir, image=TowerConfig(source="hf", name=str(vit))))
-    with pytest.raises(NotImplementedError, match=r"model.image_size \(a hf image tower\).*efficientnet-lite"):
-        model.set_image_size(64)
+    vit = _model(hf_towers["vit"])  # transformers' ViT has no drop path
+    with pytest.raises(ValueError, match=r"model.drop_path: Hugging Face image tower '.*hf-vit' \(ViTModel\) has no"):
+        vit.set_drop_path(0.1)
+    levit = _model(hf_towers["levit"])  # attention biases fixed to the input grid, and no interpolate_pos_encoding
+    with pytest.raises(ValueError, match=r"model.image_size: Hugging Face image tower .*LevitModel, which has no"):
+        levit.set_image_size(64)
+
+
+def _save_hf(folder, model: nn.Module):
+    torch.manual_seed(0)
+    model.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def hf_towers(bert_dir, tmp_path_factory):
+    """Composed models with tiny random transformers image towers, saved as hub folders."""
+    from transformers import (
+        Dinov2Config,
+        Dinov2Model,
+        LevitConfig,
+        LevitModel,
+        ViTConfig,
+        ViTModel,
+    )
+
+    root = tmp_path_factory.mktemp("hf-towers")
+    small = dict(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2)
+    levit = LevitConfig(
+        image_size=32, patch_size=16, hidden_sizes=[16, 24, 32], num_attention_heads=[1, 1, 1], depths=[1, 1, 1]
+    )
+    models = {
+        "vit": ViTModel(ViTConfig(**small, intermediate_size=37)),
+        "dinov2": Dinov2Model(Dinov2Config(**small, intermediate_size=37)),
+        "levit": LevitModel(levit),
+    }
+    yield {
+        name: tiny_config(bert_dir, image=TowerConfig(source="hf", name=str(_save_hf(root / f"hf-{name}", model))))
+        for name, model in models.items()
+    }
+    shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.mark.parametrize("name", ["vit", "dinov2"])
+def test_hf_image_towers_take_a_new_size_and_rebuild_at_it(hf_towers, name, tmp_path):
+    _same_size_changes_nothing_and_a_larger_one_rebuilds(hf_towers[name], tmp_path)
+
+
+def test_hf_vit_tower_at_a_new_size_equals_a_vit_built_at_it_with_a_bicubic_resized_table(hf_towers):
+    from transformers import ViTModel
+
+    model = _model(hf_towers["vit"])
+    vit = model.image_tower.model
+    old = vit.embeddings.position_embeddings.detach()  # [1, 1 + 4 x 4, 32]: 32 px, patch 8
+    grid = F.interpolate(old[:, 1:].reshape(1, 4, 4, -1).permute(0, 3, 1, 2), size=(6, 6), mode="bicubic")
+    state = vit.state_dict()
+    state["embeddings.position_embeddings"] = torch.cat([old[:, :1], grid.permute(0, 2, 3, 1).reshape(1, 36, -1)], 1)
+    config = vit.config.to_dict() | {"image_size": 48}
+    reference = ViTModel(type(vit.config).from_dict(config)).eval()
+    reference.load_state_dict(state)
+    model.set_image_size(48)
+    images = _images(48)
+    with torch.no_grad():
+        torch.testing.assert_close(model.image_trunk(images), reference(pixel_values=images).last_hidden_state[:, 0])
+
+
+def test_hf_tower_drop_path_is_its_own_stochastic_depth_in_training_only(hf_towers, tmp_path):
+    model = _model(hf_towers["dinov2"])
+    images = _images(32, n=8)
+    keys, before = set(model.state_dict()), model.encode_image(images)
+    assert model.set_drop_path(0.5) == 2  # DINOv2: the same rate on each of the 2 layers' residual branches
+    assert set(model.state_dict()) == keys
+    assert torch.equal(model.eval().encode_image(images), before)
+    dropped = model.train().encode_image(images)
+    assert torch.isfinite(dropped).all() and not torch.allclose(dropped, before)
+    loaded = load_model(save_model(model, tmp_path / "m"))  # drop path is a training setting: not saved
+    assert not any("DropPath" in type(m).__name__ for m in loaded.modules())
+    assert torch.equal(loaded.train().encode_image(images), before)

@@ -68,12 +68,12 @@ def dense_tokens_unsupported(backend: str, why: str) -> NotImplementedError:
 
 
 DROP_PATH_SUPPORT = (
-    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite or torchvision "
-    "(ConvNeXt, EfficientNet, Swin, MaxViT) image tower have it"
+    "OpenCLIP ViTs, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite, torchvision "
+    "(ConvNeXt, EfficientNet, Swin, MaxViT) or Hugging Face (config field drop_path_rate) image tower have it"
 )
 IMAGE_SIZE_SUPPORT = (
-    "OpenCLIP ViTs and ResNets, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite or "
-    "torchvision image tower can change input size"
+    "OpenCLIP ViTs and ResNets, Hugging Face CLIP / SigLIP and composed models with a timm, efficientnet-lite, "
+    "torchvision or Hugging Face image tower can change input size"
 )
 
 

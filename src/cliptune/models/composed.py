@@ -250,7 +250,7 @@ def rebuild(spec: dict[str, Any], folder: Path | None = None) -> ComposedClip:
         )
     layout = Layout(spec["arch"], image_cfg, text_cfg, spec["head"], spec["embed_dim"], spec["init_temperature"])
     model = ComposedClip(layout, image, text).eval()
-    if spec.get("image_size") is not None:  # a resized timm ViT: its position table has the saved shape
+    if spec.get("image_size") is not None:  # resized again: e.g. a timm ViT's position table has the saved shape
         model.set_image_size(int(spec["image_size"]))
     return model
 

@@ -9,10 +9,12 @@ trained with. Fetching pretrained weights goes through two guards that turn "the
 
 from __future__ import annotations
 
+import copy
 import difflib
 import functools
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -44,6 +46,7 @@ LITE_NAMES = tuple(f"efficientnet-lite{i}" for i in range(5))
 LITE_MEAN = (127.0 / 255,) * 3
 LITE_STD = (128.0 / 255,) * 3
 _TRUE = {"1", "true", "yes", "on"}
+HF_DROP_PATH = "drop_path_rate"  # the transformers config field of stochastic depth (ConvNeXt, Swin, BEiT, DINOv2...)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -388,35 +391,80 @@ def torchvision_with_input_size(trunk: nn.Module, name: str, size: int) -> nn.Mo
         _drop_classifier(model)
         model.load_state_dict(interpolate_embeddings(size, trunk.patch_size, trunk.state_dict()))
         trunk = model.train(trunk.training)
+    return _check_size(trunk, f"torchvision model {name!r}", size)
+
+
+def _check_size(trunk: nn.Module, tower: str, size: int) -> nn.Module:
+    """`trunk` unchanged if it embeds one `size` px image; else a ModelError naming the key and the tower."""
     training = trunk.training
     try:
         with torch.no_grad():
             trunk.eval()(torch.zeros(1, 3, size, size))
     except (RuntimeError, AssertionError, ValueError) as e:
-        raise ModelError(f"model.image_size: torchvision model {name!r} cannot take {size} px images ({e})") from e
+        raise ModelError(f"model.image_size: {tower} cannot take {size} px images ({e})") from e
     return trunk.train(training)
 
 
+def hf_with_drop_path(trunk: nn.Module, name: str, rate: float) -> nn.Module:
+    """The same Hugging Face model built from its config with `drop_path_rate=rate`, weights copied: the
+    architecture's own stochastic depth and schedule (ConvNeXt, Swin, BEiT: rising linearly; DINOv2: constant)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    model = trunk.model
+    tower = f"Hugging Face image tower {name!r} ({type(model).__name__})"
+    config = copy.deepcopy(model.config)  # the saved config (`ImageTower.hf_config`) keeps the architecture's own
+    try:
+        if not hasattr(config, HF_DROP_PATH):
+            raise ValueError(f"its config has no {HF_DROP_PATH}")
+        setattr(config, HF_DROP_PATH, rate)  # transformers' typed configs refuse a float where they want an int
+        rebuilt = type(model)(config)
+        if rate > 0 and not drop_path_blocks(rebuilt):
+            raise ValueError(f"its {HF_DROP_PATH} builds no drop-path layer")
+    except (TypeError, ValueError, StrictDataclassError) as e:
+        raise ModelError(
+            f"model.drop_path: {tower} has no stochastic depth cliptune can set ({e}); set model.drop_path to 0 or "
+            "use a tower that has it"
+        ) from e
+    rebuilt.load_state_dict(model.state_dict())
+    trunk.model = rebuilt.train(model.training)
+    return trunk
+
+
+def hf_with_input_size(trunk: nn.Module, name: str, size: int) -> nn.Module:
+    """A Hugging Face tower at `size` px: models whose forward takes `interpolate_pos_encoding` (ViT, DeiT, CLIP,
+    SigLIP, BEiT, Swin) get it, so transformers resamples their position embeddings (bicubic) at every forward;
+    the stored table keeps its pretrained shape. Others must take the size as they are (convolutional nets,
+    DINOv2, which always interpolates), or fail the check, naming the tower."""
+    native = getattr(trunk.model.config, "image_size", None)
+    native = native[0] if isinstance(native, (list, tuple)) else native
+    takes = "interpolate_pos_encoding" in inspect.signature(trunk.model.forward).parameters
+    trunk.interpolate_pos_encoding = takes and size != native
+    how = "with interpolate_pos_encoding" if takes else "which has no interpolate_pos_encoding"
+    return _check_size(trunk, f"Hugging Face image tower {name!r} ({type(trunk.model).__name__}, {how})", size)
+
+
 # model.drop_path / model.image_size for a composed model's image tower, by `source`: each library's own mechanism.
-# Hugging Face image towers are not here: their architectures differ in where a drop path or a resize would go.
 DROP_PATH: dict[str, Callable[[nn.Module, str, float], nn.Module]] = {
     "timm": timm_with_drop_path,
     "torchvision": torchvision_with_drop_path,
     "efficientnet-lite": lite_with_drop_path,
+    "hf": hf_with_drop_path,
 }
 INPUT_SIZE: dict[str, Callable[[nn.Module, str, int], nn.Module]] = {
     "timm": timm_with_input_size,
     "torchvision": torchvision_with_input_size,
     "efficientnet-lite": lite_with_input_size,
+    "hf": hf_with_input_size,
 }
 
 
 def drop_path_blocks(trunk: nn.Module) -> int:
-    """How many blocks of an image trunk have stochastic depth (timm `DropPath`, torchvision `StochasticDepth`;
-    efficientnet-lite: every block, when its rate is set)."""
+    """How many blocks of an image trunk have stochastic depth (timm `DropPath`, torchvision `StochasticDepth`,
+    transformers' `<Model>DropPath`; efficientnet-lite: every block, when its rate is set)."""
     if isinstance(trunk, LiteTrunk):
         return len(trunk.net._blocks) if trunk.net._global_params.drop_connect_rate else 0
-    return sum(1 for m in trunk.modules() if type(m).__name__ in ("DropPath", "StochasticDepth"))
+    names = [type(m).__name__ for m in trunk.modules()]
+    return sum(1 for n in names if n.endswith("DropPath") or n == "StochasticDepth")
 
 
 def _drop_classifier(model: nn.Module) -> str:
@@ -508,12 +556,14 @@ class HFImageTrunk(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.interpolate_pos_encoding = False  # set by `hf_with_input_size` for another input size
         # A dense+tanh `pooler` (ViT) is trained for classification only and is often missing from checkpoints
         # (then random): use the CLS state there, and the pooled output elsewhere (CLIP, DINOv2, conv nets).
         self.use_pooler = not any(".pooler." in f".{n}" for n, _ in model.named_parameters())
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        out = self.model(pixel_values=images)
+        resize = {"interpolate_pos_encoding": True} if self.interpolate_pos_encoding else {}
+        out = self.model(pixel_values=images, **resize)
         pooled = getattr(out, "pooler_output", None) if self.use_pooler else None
         if pooled is not None:
             return pooled.flatten(1)
