@@ -187,7 +187,15 @@ def _runs(args: argparse.Namespace) -> int:
 def _sweep(args: argparse.Namespace) -> int:
     from cliptune.train.sweep import run_sweep
 
-    best = run_sweep(args.config, args.space, trials=args.trials, timeout_min=args.timeout, overrides=args.overrides)
+    best = run_sweep(
+        args.config,
+        args.space,
+        trials=args.trials,
+        timeout_min=args.timeout,
+        overrides=args.overrides,
+        startup_trials=args.startup_trials,
+        warmup_evals=args.warmup_evals,
+    )
     print(f"best trial {best['number']}: {best['value']:.4g} ({best['metric']}); sweep folder {best['folder']}")
     print(f"  sweep.md, sweep.csv, one PNG per parameter; reproduce it: cliptune train {best['folder']}/best.yaml")
     return 0
@@ -251,6 +259,15 @@ def _parser() -> argparse.ArgumentParser:
     )
     sweep.add_argument("--trials", type=int, default=20, help="trials to finish in this sweep (counting earlier ones)")
     sweep.add_argument("--timeout", type=float, default=None, help="stop starting trials after this many minutes")
+    sweep.add_argument(
+        "--startup-trials",
+        type=int,
+        default=None,
+        help="finished trials before pruning starts (default: a third of --trials, 1 to 5)",
+    )
+    sweep.add_argument(
+        "--warmup-evals", type=int, default=None, help="a trial's first N evaluations never prune it (default 1)"
+    )
     sweep.add_argument("overrides", nargs="*", help="dotted key=value overrides applied to every trial")
     sweep.set_defaults(func=_sweep)
     sub.add_parser("models", help="list model architectures and pretrained tags").set_defaults(func=_models)

@@ -54,7 +54,7 @@ def test_sweep_prunes_resumes_a_killed_study_and_reports(shapes, tmp_path, scrip
     study = sweep._study(folder, "max", startup_trials=1)
     study.enqueue_trial({"optim.lr": 0.001})
     study.enqueue_trial({"optim.lr": 0.0001})  # worse than trial 0 at its first evaluation: pruned
-    sweep.run_sweep(config, space, trials=2, startup_trials=1)
+    sweep.run_sweep(config, space, trials=2, startup_trials=1, warmup_evals=0)
     assert _states(folder) == {0: "complete", 1: "pruned"}
 
     # a sweep killed in the middle of trial 2 leaves it RUNNING in study.db
@@ -81,10 +81,8 @@ def test_sweep_prunes_resumes_a_killed_study_and_reports(shapes, tmp_path, scrip
 BY_EVALUATION = {0.001: [30.0, 50.0, 50.0], 0.0001: [40.0, 45.0, 60.0]}  # a trial's values at its evaluations
 
 
-@pytest.mark.slow
-def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
-    """With eval.every_steps the pruner sees every evaluation: trial 1's best so far beats trial 0 at step 2 and falls
-    below it at step 4, in the middle of its only epoch (6 steps), where it stops; sweep.md and sweep.csv say so."""
+def _script_evaluations(monkeypatch, by_lr: dict[float, list[float]]) -> None:
+    """Each trial's eval set reports `by_lr[its learning rate]`, one value per evaluation after the baseline."""
     current = {}
     real = sweep.trial_config
 
@@ -96,11 +94,18 @@ def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
     def run(self, encoding, loss_batch=None):
         if not self.retrieval:
             return {}
-        values, current["evaluations"] = BY_EVALUATION[current["lr"]], current["evaluations"] + 1
+        values, current["evaluations"] = by_lr[current["lr"]], current["evaluations"] + 1
         return {"val": {"mean_recall": ([0.0, *values])[current["evaluations"] - 1]}}  # the first is the baseline
 
     monkeypatch.setattr(sweep, "trial_config", capture)
     monkeypatch.setattr(EvalSuite, "run", run)
+
+
+@pytest.mark.slow
+def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
+    """With eval.every_steps the pruner sees every evaluation: trial 1's best so far beats trial 0 at step 2 and falls
+    below it at step 4, in the middle of its only epoch (6 steps), where it stops; sweep.md and sweep.csv say so."""
+    _script_evaluations(monkeypatch, BY_EVALUATION)
     cfg = run_config(shapes, tmp_path / "out", epochs=1, eval__every_steps=2)
     config = write_yaml(cfg, tmp_path / "c.yaml")
     space = tmp_path / "space.yaml"
@@ -110,7 +115,7 @@ def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
     study = sweep._study(folder, "max", startup_trials=1)
     study.enqueue_trial({"optim.lr": 0.001})
     study.enqueue_trial({"optim.lr": 0.0001})
-    sweep.run_sweep(config, space, trials=2, startup_trials=1)
+    sweep.run_sweep(config, space, trials=2, startup_trials=1, warmup_evals=0)
 
     trials = study.get_trials(deepcopy=False)
     assert [t.intermediate_values for t in trials] == [{1: 30.0, 2: 50.0, 3: 50.0}, {1: 40.0, 2: 45.0}]
@@ -124,6 +129,33 @@ def test_sweep_prunes_at_a_mid_epoch_evaluation(shapes, tmp_path, monkeypatch):
     assert status["status"] == "pruned" and "pruned at step 4 (evaluation 2)" in status["error"]
     evaluations = map(json.loads, (folder / "trial_001" / "metrics.jsonl").read_text().splitlines())
     assert [r["step"] for r in evaluations] == [0, 2, 4], "the pruned trial stopped at its mid-epoch evaluation"
+
+
+@pytest.mark.slow
+def test_no_trial_is_pruned_during_its_warm_up_evaluations(shapes, tmp_path, monkeypatch, capsys):
+    """Trial 1 is below trial 0 at every evaluation (steps 2, 4, 6): the median pruner may stop it from its first
+    evaluation on, but `--warmup-evals N` keeps it running through N evaluations (default 1); it stops at the next."""
+    _script_evaluations(monkeypatch, {0.001: [50.0, 50.0, 50.0], 0.0001: [10.0, 10.0, 10.0]})
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"optim.lr": [0.001, 0.0001]}))
+    base = write_yaml(run_config(shapes, tmp_path / "out", epochs=1, eval__every_steps=2), tmp_path / "c.yaml")
+    assert main(["sweep", str(base), "--space", str(space), "--warmup-evals", "-1"]) == 2
+    assert "sweep: --warmup-evals -1 must be >= 0" in capsys.readouterr().err
+
+    def pruned_trial(name: str, *flags: str) -> tuple[dict, str]:
+        study = sweep._study(tmp_path / "out" / f"{name}-sweep", "max", startup_trials=1)
+        study.enqueue_trial({"optim.lr": 0.001})
+        study.enqueue_trial({"optim.lr": 0.0001})
+        args = ["sweep", str(base), f"name={name}", "--space", str(space), "--trials", "2", "--startup-trials", "1"]
+        assert main([*args, *flags]) == 0
+        first, second = study.get_trials(deepcopy=False)
+        assert first.state.name == "COMPLETE" and second.state.name == "PRUNED"
+        return second.intermediate_values, second.user_attrs[sweep.PRUNED_STEP]
+
+    (tmp_path / "out" / "default-sweep").mkdir(parents=True)
+    assert pruned_trial("default") == ({1: 10.0, 2: 10.0}, 4), "evaluation 1 is the warm-up; pruned at 2 (step 4)"
+    (tmp_path / "out" / "two-sweep").mkdir()
+    assert pruned_trial("two", "--warmup-evals", "2") == ({1: 10.0, 2: 10.0, 3: 10.0}, 6)
 
 
 def test_a_resumed_study_draws_new_parameters_and_a_new_one_is_reproducible(tmp_path):

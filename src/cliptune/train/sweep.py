@@ -1,6 +1,7 @@
 """`cliptune sweep`: a hyperparameter search with Optuna over the keys of a run config.
 
-Optuna does the search (TPE sampler), the pruning (median pruner on each trial's evaluations) and the bookkeeping
+Optuna does the search (TPE sampler), the pruning (median pruner on each trial's evaluations, after a warm-up of
+`--startup-trials` finished trials and `--warmup-evals` evaluations in each trial) and the bookkeeping
 (the study lives in `study.db`, SQLite, inside the sweep folder, so a killed sweep continues where it stopped).
 This module only turns a SPACE file into suggestions, a trial into a run, and the study into reports: `sweep.md`
 and `sweep.csv` (trials by objective), `param_KEY.png` (objective against each parameter) and `best.yaml`.
@@ -31,6 +32,9 @@ STUDY_FILE = "study.db"
 STUDY_NAME = "cliptune"
 _RANGES = ("log_uniform", "uniform", "int")
 PRUNED_STEP, PRUNED_EPOCH = "pruned_step", "pruned_epoch"  # a pruned trial's user attributes: where it stopped
+# A trial's first evaluation never prunes: it is taken during or just after the learning-rate warm-up, where a good
+# setting (a lower peak rate, a longer warm-up) is often still behind a bad one.
+WARMUP_EVALS = 1
 
 
 @dataclass
@@ -106,7 +110,9 @@ def trial_config(base: RunConfig, folder: Path, number: int, params: dict[str, A
 # The study
 
 
-def _study(folder: Path, direction: str, startup_trials: int) -> Any:
+def _study(folder: Path, direction: str, startup_trials: int, warmup_evals: int = WARMUP_EVALS) -> Any:
+    """The study in `folder` (created or continued). The median pruner waits for `startup_trials` finished trials,
+    and never prunes a trial at its first `warmup_evals` evaluations."""
     import optuna
 
     storage = f"sqlite:///{folder / STUDY_FILE}"
@@ -115,7 +121,8 @@ def _study(folder: Path, direction: str, startup_trials: int) -> Any:
         storage=storage,
         load_if_exists=True,
         direction="maximize" if direction == "max" else "minimize",
-        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=0),
+        # Optuna prunes from step n_warmup_steps on, and a trial's steps are its evaluations 1, 2, ... (`_Reporter`).
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=startup_trials, n_warmup_steps=warmup_evals + 1),
     )
     # Seeded by the trials already there: a new sweep is reproducible, and a resumed one does not draw its first
     # (random start-up) parameters again from seed 0, which would repeat the trials of the first session.
@@ -187,6 +194,16 @@ def _objective(base: RunConfig, folder: Path, space: list[Param]) -> Any:
     return objective
 
 
+def _pruning(trials: int, startup_trials: int | None, warmup_evals: int | None) -> tuple[int, int]:
+    """(finished trials before pruning, evaluations of a trial before it can be pruned), defaults filled in."""
+    startup_trials = max(1, min(5, trials // 3)) if startup_trials is None else startup_trials
+    warmup_evals = WARMUP_EVALS if warmup_evals is None else warmup_evals
+    for flag, value in (("--startup-trials", startup_trials), ("--warmup-evals", warmup_evals)):
+        if value < 0:
+            raise ConfigError(f"sweep: {flag} {value} must be >= 0")
+    return startup_trials, warmup_evals
+
+
 def run_sweep(
     config: str | Path,
     space: str | Path,
@@ -194,8 +211,13 @@ def run_sweep(
     timeout_min: float | None = None,
     overrides: list[str] | None = None,
     startup_trials: int | None = None,
+    warmup_evals: int | None = None,
 ) -> dict[str, Any]:
-    """Run (or continue) the sweep until `trials` trials have finished or `timeout_min` minutes have passed."""
+    """Run (or continue) the sweep until `trials` trials have finished or `timeout_min` minutes have passed.
+
+    Pruning starts once `startup_trials` trials have finished (default: a third of `trials`, 1 to 5) and never
+    stops a trial at its first `warmup_evals` evaluations (default WARMUP_EVALS; `--startup-trials`, `--warmup-evals`).
+    """
     from optuna.trial import TrialState
 
     from cliptune.api import console_logging, resolve_config
@@ -203,6 +225,7 @@ def run_sweep(
     console_logging()
     base = resolve_config(config, overrides)
     params = read_space(space)
+    startup_trials, warmup_evals = _pruning(trials, startup_trials, warmup_evals)
     evaluated = base.eval.validation or base.eval.retrieval or base.eval.zeroshot or base.data.validation_split
     if not evaluated:
         raise ConfigError("sweep: trials are compared on train.select's metric; give the config an eval set")
@@ -211,7 +234,7 @@ def run_sweep(
     if base.runtime.feature_cache is None:  # trials share locked-tower outputs
         shared = {"runtime": {"feature_cache": str(folder / "feature_cache")}}
         base = config_mod.build(config_mod.merge(config_mod.to_dict(base), shared))
-    study = _study(folder, base.train.select.mode, startup_trials or max(1, min(5, trials // 3)))
+    study = _study(folder, base.train.select.mode, startup_trials, warmup_evals)
     _retry_killed(study)
     finished = (TrialState.COMPLETE, TrialState.PRUNED)
     left = trials - len(study.get_trials(deepcopy=False, states=finished))
