@@ -188,6 +188,11 @@ def _at_least(key: str, value: float, minimum: int) -> None:
         raise ConfigError(f"{key}: {value!r} must be >= {minimum}")
 
 
+def _at_most(key: str, value: float, maximum: int, why: str) -> None:
+    if value > maximum:
+        raise ConfigError(f"{key}: {value!r} must be <= {maximum}: {why}")
+
+
 def _range_pair(key: str, value: list[float] | None, upper: float | None = None) -> None:
     if value is None:
         return
@@ -198,6 +203,16 @@ def _range_pair(key: str, value: list[float] | None, upper: float | None = None)
 
 # Prefixes of the policy strings timm's transform factory reads, plus torchvision's TrivialAugment (timm has none).
 AUTO_AUGMENT_PREFIXES = ("rand", "augmix", "original", "v0", "3a", "trivialaugment")
+
+
+# timm's RandomErasing draws 1..re_count boxes that share the erased area (2% to 1/3 of the image): at 16 the smallest
+# is about 8 x 8 pixels of a 224-pixel image, past that boxes shrink towards single pixels, and the time grows with
+# the count (a loop per box in every training image).
+MAX_ERASE_BOXES = 16
+_TOO_MANY_BOXES = (
+    "the boxes share the erased area, so more would be only a few pixels each, and each costs time on every "
+    "training image (timm's default is 1)"
+)
 
 
 @dataclass
@@ -229,7 +244,7 @@ class AugmentConfig:
         "const",
         doc="random erasing fills with per-pixel noise, one noise colour per box, or zeros",
     )
-    re_count: int = _doc(1, "random erasing: how many boxes")
+    re_count: int = _doc(1, f"random erasing: at most this many boxes per image (1 to {MAX_ERASE_BOXES})")
 
     def __post_init__(self) -> None:
         _range_pair("data.augment.scale", self.scale, upper=1.0)
@@ -255,6 +270,7 @@ class AugmentConfig:
         if self.interpolation not in (None, "bicubic", "bilinear", "random", "nearest"):
             raise ConfigError(f"data.augment.interpolation: {self.interpolation!r}; use bicubic, bilinear or random")
         _at_least("data.augment.re_count", self.re_count, 1)
+        _at_most("data.augment.re_count", self.re_count, MAX_ERASE_BOXES, _TOO_MANY_BOXES)
 
 
 @dataclass
