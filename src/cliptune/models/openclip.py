@@ -53,19 +53,22 @@ TINY_ARCHS = sorted(p.stem for p in _CONFIG_DIR.glob("*.json"))
 _FLAT_TEXT = ("transformer", "token_embedding", "positional_embedding", "ln_final", "text_projection")
 RESNET_STRIDE = 32  # ModifiedResNet's total downsampling: its attention pool is built for an image_size // 32 grid
 _ATTNPOOL_POSITIONS = "visual.attnpool.positional_embedding"
+HF_TEXT_ASSETS = "hf_text"  # sub-folder of a saved model: a Hugging Face text tower's config and tokenizer
 
 
 class OpenClipModel(ClipModel):
     backend = "openclip"
     containers = ("model",)  # the open_clip model
 
-    def __init__(self, arch: str, model: nn.Module, train_transform: Any, eval_transform: Any) -> None:
+    def __init__(
+        self, arch: str, model: nn.Module, train_transform: Any, eval_transform: Any, tokenizer: Any = None
+    ) -> None:
         super().__init__()
         self.arch = arch
         self.model = model
         self.train_transform = train_transform
         self.eval_transform = eval_transform
-        self._tokenizer = open_clip.get_tokenizer(arch)
+        self._tokenizer = tokenizer if tokenizer is not None else open_clip.get_tokenizer(arch)
 
     def encode_image(self, images: torch.Tensor, normalize: bool = True) -> torch.Tensor:
         return self.model.encode_image(images, normalize=normalize)
@@ -258,6 +261,14 @@ class OpenClipModel(ClipModel):
             spec["image_size"] = self.model.visual.image_size
         return json.loads(json.dumps(spec))  # tuples -> lists: the spec equals what model.json reads back
 
+    def save_assets(self, folder: Path) -> None:
+        """A Hugging Face text tower's config and tokenizer (open_clip models such as roberta-ViT-B-32 name a hub
+        model for them), so `rebuild` needs no hub; open_clip's own towers need nothing besides `spec()`."""
+        text = getattr(self.model, "text", None)
+        if isinstance(text, HFTextEncoder):
+            text.config.save_pretrained(Path(folder) / HF_TEXT_ASSETS)
+            self._tokenizer.tokenizer.save_pretrained(Path(folder) / HF_TEXT_ASSETS)
+
     # --- export
 
     def export_formats(self) -> tuple[str, ...]:
@@ -280,11 +291,7 @@ class OpenClipModel(ClipModel):
 
     def model_cfg(self) -> dict[str, Any]:
         """open_clip's architecture config of this model, as `open_clip_config.json` stores it."""
-        schema, identifier = parse_model_name(self.arch)
-        if schema == "local-dir":
-            cfg = json.loads((Path(identifier) / "open_clip_config.json").read_text())["model_cfg"]
-        else:
-            cfg = open_clip.get_model_config(identifier)
+        cfg = _arch_config(self.arch)
         if cfg is None:
             raise self.cannot_export("open_clip", f"open_clip has no config for {self.arch!r}")
         if any(isinstance(m, QuickGELU) for m in self.model.modules()):
@@ -432,13 +439,40 @@ def rebuild(spec: dict[str, Any], folder: Path | None = None) -> OpenClipModel:
     """The architecture a saved `spec()` describes, random-initialised: the saved weights are loaded after."""
     _check_preprocess(spec.get("preprocess") or {})
     size = spec.get("image_size")
+    text = Path(folder) / HF_TEXT_ASSETS if folder is not None else None
     return create(
         spec["arch"],
         None,
         quick_gelu=spec.get("quick_gelu", False),
         preprocess=spec.get("preprocess"),
         image_size=size[0] if isinstance(size, list) else size,
+        hf_text=text if text is not None and text.is_dir() else None,
     )
+
+
+def _arch_config(arch: str) -> dict[str, Any] | None:
+    """open_clip's architecture config of `arch` (a `local-dir:` folder's own), None if open_clip has none."""
+    schema, identifier = parse_model_name(arch)
+    if schema == "local-dir":
+        return json.loads((Path(identifier) / "open_clip_config.json").read_text())["model_cfg"]
+    return open_clip.get_model_config(identifier)
+
+
+def _hf_text_from(arch: str, assets: Path) -> tuple[dict[str, Any], Any]:
+    """(create_model keywords, tokenizer) that build `arch`'s Hugging Face text tower from the config and tokenizer
+    `save_assets` wrote, random-initialised (the saved weights are loaded after): no hub, no weights fetched twice."""
+    cfg = _arch_config(arch)
+    if cfg is None:
+        raise ModelError(f"model.arch: open_clip has no config for {arch!r}; register it before loading this model")
+    text_cfg = {**cfg["text_cfg"], "hf_model_name": str(assets), "hf_tokenizer_name": str(assets)}
+    text_cfg["hf_model_pretrained"] = False  # open_clip's create_model sets it on its own copy, which this replaces
+    tokenizer = open_clip.tokenizer.HFTokenizer(
+        str(assets),
+        context_length=text_cfg.get("context_length", open_clip.tokenizer.DEFAULT_CONTEXT_LENGTH),
+        tokenizer_mode=text_cfg.get("tokenizer_mode"),
+        **text_cfg.get("tokenizer_kwargs", {}),
+    )
+    return {"text_cfg": text_cfg, "pretrained_hf": False}, tokenizer
 
 
 # What open_clip's image_transform accepts (it asserts these, which would surface as a bare AssertionError).
@@ -469,9 +503,10 @@ def create(
     quick_gelu: bool = False,
     preprocess: dict | None = None,
     image_size: int | None = None,
+    hf_text: Path | None = None,
 ) -> OpenClipModel:
     """An OpenCLIP model; `quick_gelu`, `preprocess` and `image_size` carry what a tag or a resize set, so a saved
-    model rebuilds exactly."""
+    model rebuilds exactly; `hf_text`, a saved Hugging Face text tower's config and tokenizer (`save_assets`)."""
     _check_arch(arch)
     _check_pretrained(arch, pretrained)
     pre = preprocess or {}
@@ -485,6 +520,10 @@ def create(
         kwargs["force_quick_gelu"] = True
     if image_size is not None:
         kwargs["force_image_size"] = image_size
+    tokenizer = None
+    if hf_text is not None:
+        text_kwargs, tokenizer = _hf_text_from(arch, hf_text)
+        kwargs.update(text_kwargs)
     try:
         # open_clip warns on the root logger that a model without `pretrained` is random: that is what was asked.
         with _root_log_level(logging.ERROR if pretrained is None else logging.root.level), _weights_only():
@@ -496,7 +535,7 @@ def create(
         if error is e:
             raise
         raise error from e
-    return OpenClipModel(arch, model, train_tf, eval_tf)
+    return OpenClipModel(arch, model, train_tf, eval_tf, tokenizer)
 
 
 def _load_error(e: Exception, arch: str, pretrained: str | None) -> Exception:
