@@ -28,7 +28,7 @@ from cliptune.losses.fsc import (
 )
 from cliptune.losses.gather import gathered_clip_loss
 from cliptune.losses.negclip import negclip_loss
-from cliptune.losses.objective import Extras, Objective
+from cliptune.losses.objective import Dense, Extras, Objective
 from cliptune.losses.siglip import siglip_loss
 from cliptune.losses.unicl import unicl_loss
 
@@ -498,7 +498,20 @@ PARTS = {  # objective -> (its loss function, the loop reference of the parts it
         lambda x: unicl_loss(x["img"], x["txt"], x["scale"], x["labels"]),
         lambda x: ref_unicl_directions(x["img"], x["txt"], x["scale"], x["labels"]),
     ),
+    "fsc": (lambda x: _fsc(x, tokens=False), lambda x: ref_fsc_parts(x, tokens=False)),
 }
+
+
+def ref_fsc_parts(x: dict, tokens: bool) -> dict[str, torch.Tensor]:
+    """FSC-CLIP's logged terms by the loops: NegCLIP's two directions and their mean, the hard-negative losses."""
+    directions = ref_negclip_directions(x["img"], x["txt"], x["scale"], x["neg"], x["mask"])
+    parts = {f"negclip/{key}": value for key, value in directions.items()}
+    parts["negclip"] = ref_negclip(x["img"], x["txt"], x["scale"], x["neg"], x["mask"])
+    parts["global_hn"] = ref_global_hn(x["img"], x["txt"], x["neg"], x["mask"], x["scale"])
+    if tokens:
+        token_inputs = (x["patch"], x["text_tok"], x["text_mask"], x["neg_tok"], x["neg_tok_mask"])
+        parts["local_hn"] = ref_local_hn(*token_inputs, x["mask"], x["scale"])
+    return parts
 
 
 @pytest.mark.parametrize("name", list(PARTS))
@@ -507,7 +520,7 @@ def test_the_objective_logs_each_part_of_its_loss_and_leaves_the_loss_alone(name
     x = _normalised(_batch())
     model = SimpleNamespace(logit_scale=x["scale"], logit_bias=None)
     objective = Objective(LossConfig(name=name, siglip_bias_init=-2.0), model)
-    text = torch.cat([x["txt"], x["neg"].flatten(0, 1)]) if name == "negclip" else x["txt"]
+    text = torch.cat([x["txt"], x["neg"].flatten(0, 1)]) if name in ("negclip", "fsc") else x["txt"]
     loss = objective(model, x["img"], text, Extras(group=x["labels"], negative_mask=x["mask"]))
     loss_fn, reference = PARTS[name]
     # The objective reads the temperature and its own bias in float32 (-2.0 exactly), as training does.
@@ -518,3 +531,30 @@ def test_the_objective_logs_each_part_of_its_loss_and_leaves_the_loss_alone(name
     for key, value in expected.items():
         torch.testing.assert_close(parts[key], value, atol=0, rtol=1e-6, msg=key)  # float32 temperature
         assert not parts[key].requires_grad
+
+
+def test_fsc_logs_its_negclip_directions_and_its_terms_sum_to_the_loss():
+    """With the local term (Objective.dense, as training calls it): the logged NegCLIP directions and hard-negative
+    terms equal the loops', their mean is `loss/negclip`, and mean + 0.5 global + 0.2 local is the loss."""
+    x = _normalised(_batch())
+    model = SimpleNamespace(logit_scale=x["scale"], logit_bias=None)
+    objective = Objective(LossConfig(name="fsc"), model)
+    dense = Dense(
+        image=x["img"],
+        patches=x["patch"],
+        text=torch.cat([x["txt"], x["neg"].flatten(0, 1)]),
+        tokens=torch.cat([x["text_tok"], x["neg_tok"].flatten(0, 1)]),
+        token_mask=torch.cat([x["text_mask"], x["neg_tok_mask"].flatten(0, 1)]),
+    )
+    loss = objective.dense(model, dense, Extras(negative_mask=x["mask"]))
+    parts = {key.removeprefix("loss/"): v for key, v in objective.logged.items() if key.startswith("loss/")}
+    expected = ref_fsc_parts(x, tokens=True)
+    assert parts.keys() == expected.keys()
+    for key, value in expected.items():
+        torch.testing.assert_close(parts[key], value, atol=0, rtol=1e-6, msg=key)  # float32 temperature
+    negclip = (parts["negclip/image_to_text"] + parts["negclip/text_to_image"]) / 2
+    torch.testing.assert_close(negclip, parts["negclip"], atol=1e-12, rtol=0)
+    total = negclip + W_GLOBAL * parts["global_hn"] + W_LOCAL * parts["local_hn"]
+    torch.testing.assert_close(loss.detach(), total, atol=1e-12, rtol=0)
+    reference = expected["negclip"] + W_GLOBAL * expected["global_hn"] + W_LOCAL * expected["local_hn"]
+    torch.testing.assert_close(loss.detach(), reference, atol=0, rtol=1e-6)

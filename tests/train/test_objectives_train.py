@@ -58,7 +58,9 @@ def test_fsc_clip_with_the_local_loss_trains_and_reports_compositionality(shapes
     # every term is logged apart, and the logged loss is their weighted sum (weights: loss.global_weight, local_weight)
     records = [r for r in map(json.loads, (tmp_path / "fsc" / "train.jsonl").read_text().splitlines()) if "loss" in r]
     for r in records:
-        total = r["loss/negclip"] + 0.5 * r["loss/global_hn"] + 0.2 * r["loss/local_hn"]
+        negclip = (r["loss/negclip/image_to_text"] + r["loss/negclip/text_to_image"]) / 2
+        assert negclip == pytest.approx(r["loss/negclip"], rel=1e-6)
+        total = negclip + 0.5 * r["loss/global_hn"] + 0.2 * r["loss/local_hn"]
         assert total == pytest.approx(r["loss"], rel=1e-5)
     trainer = build_trainer(resolve_config(cfg, name="fsc-check"))
     assert trainer.objective.needs_tokens and trainer.dataset.fields[-2:] == ("negatives", "negative_mask")

@@ -23,7 +23,7 @@ from cliptune.config import LossConfig
 from cliptune.losses.classification import CLASSIFIER_SCALE, classification_loss, with_class_head
 from cliptune.losses.fsc import global_hn_loss, local_hn_loss
 from cliptune.losses.gather import LossTerms, gathered_clip_terms
-from cliptune.losses.negclip import negclip_loss, negclip_terms
+from cliptune.losses.negclip import negclip_terms
 from cliptune.losses.siglip import siglip_terms
 from cliptune.losses.unicl import unicl_terms
 from cliptune.models.base import ClipModel
@@ -87,7 +87,8 @@ class Objective(nn.Module):
 
     `logged` holds what the last batch's loss function recorded besides the total (`record`): its separate terms
     as `loss/NAME` (the image->text and text->image directions of CLIP, NegCLIP and UniCL, SigLIP's matching and
-    non-matching pairs, FSC-CLIP's negclip, global and local hard-negative losses, unweighted) and values such as
+    non-matching pairs, FSC-CLIP's negclip term and its two directions, global and local hard-negative losses,
+    unweighted) and values such as
     SigLIP's `logit_bias`; the training log writes them beside the loss. Recording never changes the loss.
     """
 
@@ -102,11 +103,11 @@ class Objective(nn.Module):
     def record(self, key: str, value: torch.Tensor) -> None:
         self.logged[key] = value.detach()
 
-    def record_terms(self, terms: LossTerms) -> torch.Tensor:
-        """Record a loss function's named parts as `loss/NAME`; returns the loss itself, untouched."""
+    def record_terms(self, terms: LossTerms, prefix: str = "") -> torch.Tensor:
+        """Record a loss function's named parts as `loss/{prefix}NAME`; returns the loss itself, untouched."""
         loss, parts = terms
         for name, value in parts.items():
-            self.record(f"loss/{name}", value)
+            self.record(f"loss/{prefix}{name}", value)
         return loss
 
     @property
@@ -189,10 +190,11 @@ def _negclip(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.
 
 
 def _fsc(obj: Objective, model: ClipModel, image: torch.Tensor, text: torch.Tensor, extras: Extras) -> torch.Tensor:
-    """NegCLIP plus FSC-CLIP's global hard-negative loss."""
+    """NegCLIP plus FSC-CLIP's global hard-negative loss. The NegCLIP term is logged as `loss/negclip`, the mean of
+    its directions `loss/negclip/image_to_text` and `loss/negclip/text_to_image`."""
     positives, negatives, mask = _split(text, extras)
     scale = _scale(model)
-    loss = negclip_loss(image, positives, scale, negatives, mask)
+    loss = obj.record_terms(negclip_terms(image, positives, scale, negatives, mask), prefix="negclip/")
     obj.record("loss/negclip", loss)
     if obj.cfg.global_weight:
         gamma, eps = obj.cfg.focal_gamma, obj.cfg.negative_smoothing
