@@ -48,6 +48,7 @@ from objectives import (
     FASHION,
     FASHION_SIZE,
     FASHION_TEMPLATES,
+    LITE_DROP_PATH,
     QUICKSTART,
     ROOT,
     Evaluator,
@@ -146,8 +147,8 @@ def notes(s: Settings, forgetting_images: int) -> str:
         f"both towers, no EMA; linear probe and FLYP: weight decay 0.1. WiSE-FT: alpha {s.wise_alpha:g} between the "
         f"source and the fine-tuned weights. Forgotten: zero-shot top-1 lost on {forgetting_images} held-out "
         "clip-art images (20 categories), the source model's domain. Rows that train the image tower train it with "
-        "its library's drop connect 0.2 (efficientnet-lite's default; model.drop_path unset). Parameters trained: "
-        "elements of the parameter tensors that changed."
+        f"efficientnet-lite's drop connect {LITE_DROP_PATH} (its library's default; model.drop_path). Parameters "
+        "trained: elements of the parameter tensors that changed."
     )
 
 

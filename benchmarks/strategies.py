@@ -29,6 +29,7 @@ from cliptune.tuning.wise import INITIAL_FILE, load_initial, sweep
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _record import machine, write_section
+from objectives import LITE_DROP_PATH
 
 ROOT = Path(__file__).resolve().parents[1]
 WORK = ROOT / "runs" / "bench-strategies"
@@ -89,7 +90,7 @@ def run_strategy(name: str, extra: dict[str, Any], init: str, args: argparse.Nam
         .replace("(", "")
         .replace(")", "")
         .replace("=", ""),
-        "model": {"init": init},
+        "model": {"init": init, "drop_path": LITE_DROP_PATH},
         "data": {"train": {"path": str(train_csv), "images_root": str(ROOT / "data/emoji")}},
         "eval": EVAL,
         "train": {"epochs": args.epochs, "batch_size": args.batch_size},

@@ -83,7 +83,9 @@ class ModelConfig:
         "open_clip / timm / transformers do, the transforms follow and the saved model records it; null: the model's",
     )
     drop_path: float = _doc(
-        0.0, "stochastic depth of the image tower's residual blocks, rising linearly to this rate at the last block"
+        0.0,
+        "stochastic depth of the image tower's residual blocks, rising linearly to this rate at the last block; 0 "
+        "also turns off what a tower's library builds in (efficientnet-lite's drop connect 0.2)",
     )
 
     def __post_init__(self) -> None:

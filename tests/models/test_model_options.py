@@ -2,6 +2,7 @@
 embeddings resampled as the tower's own library does it, a saved model that rebuilds at its new size, and drop
 path that changes training outputs only."""
 
+import dataclasses
 import shutil
 
 import open_clip
@@ -19,6 +20,8 @@ import cliptune
 from cliptune.api import resolve_config
 from cliptune.config import ConfigError, ModelConfig, TowerConfig
 from cliptune.models import build_model, load_model, save_model
+from cliptune.models.towers import drop_path_blocks
+from cliptune.train.setup import build_trainer
 from tests.helpers import tiny_config
 
 SUPPORTED = ("openclip-vit", "hf-clip", "hf-siglip", "composed-timm-vit")
@@ -249,6 +252,7 @@ def hf_towers(bert_dir, tmp_path_factory):
     models = {
         "vit": ViTModel(ViTConfig(**small, intermediate_size=37)),
         "dinov2": Dinov2Model(Dinov2Config(**small, intermediate_size=37)),
+        "dinov2-dropping": Dinov2Model(Dinov2Config(**small, intermediate_size=37, drop_path_rate=0.2)),
         "levit": LevitModel(levit),
     }
     yield {
@@ -293,3 +297,36 @@ def test_hf_tower_drop_path_is_its_own_stochastic_depth_in_training_only(hf_towe
     loaded = load_model(save_model(model, tmp_path / "m"))  # drop path is a training setting: not saved
     assert not any("DropPath" in type(m).__name__ for m in loaded.modules())
     assert torch.equal(loaded.train().encode_image(images), before)
+
+
+def _run_config(model: ModelConfig, drop_path: float, shapes, out) -> dict:
+    return {
+        "model": {**dataclasses.asdict(model), "drop_path": drop_path},
+        "data": {"train": {"path": str(shapes / "train.csv")}},
+        "runtime": {"output_dir": str(out), "progress": False},
+    }
+
+
+@pytest.mark.parametrize("tower", ["efficientnet-lite", "torchvision", "hf"])
+def test_model_drop_path_0_turns_off_the_drop_path_a_tower_is_built_with(
+    cnn_configs, hf_towers, shapes, tmp_path, tower
+):
+    """efficientnet-lite is built with drop connect 0.2, torchvision's efficientnet_b0 with stochastic depth 0.2,
+    and a Hugging Face config may set drop_path_rate: a run's model.drop_path, 0 included, is what trains."""
+    cfg = {
+        "efficientnet-lite": cnn_configs["composed-lite"],
+        "torchvision": cnn_configs["composed-torchvision-cnn"],
+        "hf": hf_towers["dinov2-dropping"],
+    }[tower]
+    built = _model(cfg)
+    assert drop_path_blocks(built.image_tower) > 0  # the library's own default
+    images = _images(built.image_preprocessing().size, n=4)
+    expected = built.encode_image(images)
+    for rate in (0.0, 0.3):
+        model = build_trainer(resolve_config(_run_config(cfg, rate, shapes, tmp_path / str(rate)))).model
+        assert (drop_path_blocks(model.image_tower) > 0) == (rate > 0)
+        model.load_state_dict(built.state_dict())  # the same weights: evaluation is unchanged by drop path
+        assert torch.equal(model.eval().encode_image(images), expected)
+        if tower != "torchvision":  # torchvision's classifier dropout (kept before the removed Linear) is random too
+            model.train()  # BatchNorm normalises by batch statistics: deterministic unless something drops
+            assert torch.equal(model.encode_image(images), model.encode_image(images)) == (rate == 0)

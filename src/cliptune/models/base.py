@@ -390,9 +390,13 @@ class ClipModel(nn.Module):
     def set_drop_path(self, rate: float) -> int:
         """Stochastic depth on the image tower's residual blocks, the rate rising linearly to `rate` at the last
         block (timm's rule); returns the number of blocks. Active in training mode only: evaluation is unchanged.
+        Every run calls it with `model.drop_path`: rate 0 must turn off any drop path the tower's library builds in.
 
-        Default: unsupported (raises NotImplementedError naming the backends that do it).
+        Default: rate 0 changes nothing (no drop path to turn off); others are unsupported (NotImplementedError
+        naming the backends that do it).
         """
+        if rate == 0:
+            return 0
         raise unsupported("model.drop_path", self, DROP_PATH_SUPPORT)
 
     def set_image_size(self, size: int) -> None:

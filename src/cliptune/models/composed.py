@@ -109,6 +109,10 @@ class ComposedClip(TrunkHeadModel):
     # --- optional hooks: each image-tower library's own mechanism (towers.DROP_PATH / INPUT_SIZE, by source)
 
     def set_drop_path(self, rate: float) -> int:
+        """The tower's own stochastic depth at `rate`; 0 also turns off what its library builds in by default
+        (efficientnet-lite 0.2, torchvision ConvNeXt 0.1 / EfficientNet 0.2, a Hugging Face config's rate)."""
+        if rate == 0 and not drop_path_blocks(self.image_tower):
+            return 0  # nothing to turn off: no tower is rebuilt, and towers without the mechanism are fine
         self.image_tower = self._tower_hook("model.drop_path", DROP_PATH, DROP_PATH_SUPPORT)(
             self.image_tower, self.layout.image_cfg.name, rate
         )

@@ -213,6 +213,8 @@ class OpenClipModel(ClipModel):
 
     def set_drop_path(self, rate: float) -> int:
         """Drop path on both residual branches of every image block (after `ls_1` / `ls_2`, where timm puts it)."""
+        if rate == 0 and not isinstance(self.model.visual, VisionTransformer):
+            return 0  # no drop path is built in, so there is nothing to turn off
         visual = self._vit("model.drop_path", DROP_PATH_SUPPORT)
         branches = [(block.ls_1, block.ls_2) for block in visual.transformer.resblocks]
         return add_drop_path(visual, branches, rate)

@@ -459,12 +459,13 @@ INPUT_SIZE: dict[str, Callable[[nn.Module, str, int], nn.Module]] = {
 
 
 def drop_path_blocks(trunk: nn.Module) -> int:
-    """How many blocks of an image trunk have stochastic depth (timm `DropPath`, torchvision `StochasticDepth`,
-    transformers' `<Model>DropPath`; efficientnet-lite: every block, when its rate is set)."""
+    """How many blocks of an image trunk have stochastic depth at a rate above 0 (timm `DropPath`, torchvision
+    `StochasticDepth`, transformers' `<Model>DropPath`; efficientnet-lite: every block, when its rate is set)."""
     if isinstance(trunk, LiteTrunk):
         return len(trunk.net._blocks) if trunk.net._global_params.drop_connect_rate else 0
-    names = [type(m).__name__ for m in trunk.modules()]
-    return sum(1 for n in names if n.endswith("DropPath") or n == "StochasticDepth")
+    layers = [m for m in trunk.modules() if type(m).__name__.endswith(("DropPath", "StochasticDepth"))]
+    # Rate 0 counts as none: torchvision builds a StochasticDepth(p=0) for the first block of its schedule.
+    return sum(1 for m in layers if getattr(m, "drop_prob", getattr(m, "p", 0.0)) > 0)
 
 
 def _drop_classifier(model: nn.Module) -> str:

@@ -210,8 +210,9 @@ def _model_options(cfg: RunConfig, model: ClipModel, resize: bool) -> None:
         if resize and cfg.model.image_size is not None:
             model.set_image_size(cfg.model.image_size)
             log.info("image input size: %d px (position embeddings interpolated)", cfg.model.image_size)
-        if cfg.model.drop_path > 0:
-            blocks = model.set_drop_path(cfg.model.drop_path)
+        # Also at 0, which turns off a drop path the tower's library builds in (efficientnet-lite's 0.2).
+        blocks = model.set_drop_path(cfg.model.drop_path)
+        if blocks:
             log.info("drop path up to %.3f over %d image-tower blocks", cfg.model.drop_path, blocks)
     except NotImplementedError as e:
         raise ConfigError(str(e)) from None
