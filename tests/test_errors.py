@@ -8,7 +8,7 @@ import torch
 import cliptune
 from cliptune.config import ConfigError
 from cliptune.data.errors import DataError
-from cliptune.train.checkpoint import latest_checkpoint, load_weights
+from cliptune.models.checkpoints import latest_checkpoint, load_weights
 from cliptune.train.loop import TrainingDiverged
 from tests.helpers import cli, run_config
 

@@ -18,6 +18,7 @@ from cliptune.config import ConfigError, ModelConfig
 from cliptune.config import build as build_config
 from cliptune.features.encoding import encode_images, encode_texts
 from cliptune.models import ClipModel, ModelError, build_model, load_model
+from cliptune.models.checkpoints import checkpoint_folder, latest_checkpoint, load_weights
 from cliptune.models.io import SPEC_FILE, rebuild_from
 from cliptune.models.presets import PRESETS
 from cliptune.utils.files import close_folders
@@ -69,10 +70,8 @@ def _from_run_dir(folder: Path) -> ClipModel:
     exported = read_export(folder)
     if exported is not None:
         return exported
-    # An interrupted run has no final model yet: its newest epoch checkpoint. The checkpoint format has one reader,
-    # train/checkpoint.py (torch, safetensors and json only), imported here and only for this case.
-    from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint, load_weights
-
+    # An interrupted run has no final model yet: its newest epoch checkpoint's weights (models/checkpoints.py, the
+    # part of the checkpoint format that loading needs, so inference imports no training code).
     assets = inside(folder, "model_assets", str(folder))
     checkpoints = checkpoint_folder(folder)
     latest = latest_checkpoint(checkpoints) if checkpoints.is_dir() else None

@@ -15,12 +15,8 @@ import yaml
 import cliptune
 from cliptune.config import ModelConfig
 from cliptune.models import ModelError, build_model, save_model
-from cliptune.train.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    read_state,
-    write_state,
-)
+from cliptune.models.checkpoints import CheckpointError, latest_checkpoint
+from cliptune.train.checkpoint import read_state, write_state
 from cliptune.utils.paths import PathEscapeError
 from tests.helpers import cli, run_config, write_yaml
 

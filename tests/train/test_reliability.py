@@ -20,7 +20,7 @@ from cliptune.config import ConfigError, TableSpec, ZeroShotSpec
 from cliptune.data import read_caption_table, read_classification
 from cliptune.data.errors import DataError
 from cliptune.models import ModelError
-from cliptune.train.checkpoint import latest_checkpoint
+from cliptune.models.checkpoints import latest_checkpoint
 from cliptune.train.logging import read_jsonl, truncate_after
 from cliptune.utils.files import HOST, atomic_dir, atomic_write, is_within, remove_stale_temporaries, temporary_name
 from cliptune.utils.lock import LOCK_FILE, FolderInUseError, FolderLock

@@ -16,8 +16,8 @@ from cliptune.config import ConfigError, TableSpec, build
 from cliptune.data import read_caption_table
 from cliptune.eval import EvalSuite
 from cliptune.eval.retrieval import validation_loss
+from cliptune.models.checkpoints import latest_checkpoint
 from cliptune.train import runs
-from cliptune.train.checkpoint import latest_checkpoint
 from cliptune.train.data import split_validation
 from cliptune.train.logging import epoch_text
 from cliptune.train.selection import Selection

@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 import cliptune
 from cliptune.config import ConfigError
-from cliptune.train.checkpoint import latest_checkpoint
+from cliptune.models.checkpoints import latest_checkpoint
 from tests.helpers import ROOT, cli, run_config, write_yaml
 
 

@@ -1,4 +1,6 @@
-"""Epoch checkpoints: the one writer and reader of everything a checkpoint holds, with no pickle anywhere.
+"""Epoch checkpoints: the one writer of everything a checkpoint holds, and the reader of all but the model weights
+(`models/checkpoints.py` finds the newest checkpoint and reads its weights: loading a model needs that), with no
+pickle anywhere.
 
 A checkpoint is a folder `checkpoints/epoch_N/` written in one rename:
 - `model.safetensors`: the model's weights;
@@ -15,7 +17,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,28 +27,27 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from cliptune.models.errors import ModelError
-from cliptune.models.io import load_weights_file, state_for_saving
+from cliptune.models.checkpoints import (
+    LATEST,
+    WEIGHTS,
+    CheckpointError,
+    checkpoint_folder,
+    list_checkpoints,
+    load_weights,
+)
+from cliptune.models.io import state_for_saving
 from cliptune.utils.files import atomic_dir, atomic_write, tensor_bytes, writing
-from cliptune.utils.paths import inside
 
 if TYPE_CHECKING:
     from cliptune.train.setup import Trainer
 
-CHECKPOINTS = "checkpoints"
-LATEST = "latest"
-WEIGHTS, STATE_JSON, STATE_TENSORS = "model.safetensors", "state.json", "state.safetensors"
+STATE_JSON, STATE_TENSORS = "state.json", "state.safetensors"
 FORMAT = 2  # 1 was a pickled state.pt, refused on read
 BEST = "best"
-_EPOCH_DIR = re.compile(r"^epoch_(\d+)(?:_step_(\d+))?$")
 # JSON cannot say "tensor", "tuple" or "dict with int keys" (optimizer state is keyed by parameter index): tagged
 # objects do. Nested state with tensors is what torch.save pickles; safetensors holds flat tensors only, so this small
 # codec is what lets the two safe formats replace it.
 _TENSOR, _TUPLE, _ITEMS, _ARRAY = "__tensor__", "__tuple__", "__items__", "__ndarray__"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used: truncated, foreign, from an older format, or pointing outside its run."""
 
 
 @dataclass
@@ -168,10 +168,6 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
 # Writing
 
 
-def checkpoint_folder(run_dir: Path) -> Path:
-    return run_dir / CHECKPOINTS
-
-
 def training_state(trainer: Trainer) -> dict[str, Any]:
     """Everything besides the weights and RNG that makes a resumed run continue exactly."""
     return {
@@ -203,44 +199,7 @@ def save_checkpoint(trainer: Trainer) -> Path:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# Finding and reading
-
-
-def list_checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.glob("epoch_*") if _EPOCH_DIR.match(p.name) and p.is_dir()]
-    for path in found:
-        inside(folder, path.name, f"{folder}: checkpoint {path.name}")
-    return sorted(found, key=_order)
-
-
-def _order(path: Path) -> tuple[int, int]:
-    """(whole epochs, step): `epoch_2` sorts before `epoch_2_step_150`, which is in the third epoch."""
-    epoch, step = _EPOCH_DIR.match(path.name).groups()
-    return int(epoch), int(step or 0)
-
-
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The folder `latest` names (it must be an `epoch_N` inside `folder`), else the newest one found."""
-    pointer = folder / LATEST
-    if pointer.is_file():
-        name = pointer.read_text(encoding="utf-8", errors="replace").strip()
-        if not _EPOCH_DIR.match(name):
-            raise CheckpointError(f"{pointer}: names {name!r}, not an epoch_N folder; delete it to use the newest")
-        if inside(folder, name, str(pointer)).is_dir():
-            return folder / name
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
-
-
-def load_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load `path/model.safetensors` into `model`; a missing, damaged or foreign file is a CheckpointError."""
-    weights = inside(path, WEIGHTS, f"{path}: weights")
-    if not weights.is_file():
-        raise CheckpointError(f"{path}: {WEIGHTS} is missing; this is not a complete cliptune checkpoint")
-    try:
-        load_weights_file(weights, model, "the run's model_assets/model.json")
-    except ModelError as e:
-        raise CheckpointError(f"{e}; resume with the run's own config.yaml, or start a new `name`") from None
+# Reading
 
 
 def load_checkpoint(path: Path, model: torch.nn.Module) -> tuple[TrainState, dict[str, Any]]:

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from cliptune.config import ConfigError
 from cliptune.data import CaptionTable
-from cliptune.train.checkpoint import checkpoint_folder, latest_checkpoint
+from cliptune.models.checkpoints import checkpoint_folder, latest_checkpoint
 from cliptune.train.logging import log
 from cliptune.utils.files import DiskFullError, atomic_write, remove_stale_temporaries
 from cliptune.utils.lock import FolderLock

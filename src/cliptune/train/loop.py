@@ -18,13 +18,8 @@ from tqdm import tqdm
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.models.base import ENCODERS
-from cliptune.train.checkpoint import (
-    checkpoint_folder,
-    latest_checkpoint,
-    save_best,
-    save_checkpoint,
-    set_rng_state,
-)
+from cliptune.models.checkpoints import checkpoint_folder, latest_checkpoint
+from cliptune.train.checkpoint import save_best, save_checkpoint, set_rng_state
 from cliptune.train.data import make_loader
 from cliptune.train.distributed import barrier, broadcast_object
 from cliptune.train.finish import finish

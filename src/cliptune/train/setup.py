@@ -23,15 +23,9 @@ from cliptune.inference import load_any, resolve_device
 from cliptune.losses.objective import OBJECTIVES, Objective
 from cliptune.models import ClipModel, build_model
 from cliptune.models.base import Tower
+from cliptune.models.checkpoints import checkpoint_folder, latest_checkpoint
 from cliptune.models.io import SPEC_FILE, rebuild_from, write_spec
-from cliptune.train.checkpoint import (
-    BEST,
-    TrainState,
-    checkpoint_folder,
-    latest_checkpoint,
-    load_checkpoint,
-    restore_training,
-)
+from cliptune.train.checkpoint import BEST, TrainState, load_checkpoint, restore_training
 from cliptune.train.data import (
     check_enough_images,
     shard_stream,
