@@ -107,7 +107,6 @@ KNOWN_UPWARD = {
     ("config", "train"): "optim.optimizer's choices come from train/optim.py's table",
     ("export", "inference"): "export() takes a run directory or model spec (inference.load_any), while loading "
     "reads exported folders back (export.read_export)",
-    ("train", "api"): "train/sweep.py runs each trial through api.finetune",
 }
 
 

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
 from cliptune import config as config_mod
-from cliptune.config import CompositionalitySpec, RunConfig, TableSpec, ZeroShotSpec
+from cliptune.config import CompositionalitySpec, RunConfig, TableSpec, ZeroShotSpec, resolve_config
 from cliptune.data import read_caption_table, read_classification
 from cliptune.data.errors import DataError
 from cliptune.eval import Encoding, EvalSuite
@@ -16,32 +15,6 @@ from cliptune.models import ClipModel
 from cliptune.utils.files import close_folders
 
 DatasetSpec = str | Path | dict[str, Any] | TableSpec | ZeroShotSpec | CompositionalitySpec
-
-
-def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
-    """finetune(..., optim={"lr": 1e-4}, name="x") or finetune(..., **{"optim.lr": 1e-4}) as nested data."""
-    nested: dict[str, Any] = {}
-    for key, value in kwargs.items():
-        parts = key.replace("__", ".").split(".")
-        node = nested
-        for part in parts[:-1]:
-            node = node.setdefault(part, {})
-        node[parts[-1]] = value
-    return nested
-
-
-def resolve_config(
-    source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, **kwargs: Any
-) -> RunConfig:
-    if isinstance(source, RunConfig):
-        data = config_mod.to_dict(source)
-    elif isinstance(source, dict):
-        data = source
-    else:
-        path = Path(source)
-        base = config_mod.load(path)  # validates the file on its own, so errors name it
-        data = config_mod.to_dict(base)
-    return config_mod.build(config_mod.merge(data, _overrides(kwargs)), overrides)
 
 
 def finetune(
@@ -59,16 +32,11 @@ def finetune(
     Keyword overrides take nested dicts (`optim={"lr": 1e-4}`) or dotted names (`**{"optim.lr": 1e-4}`);
     `overrides` takes CLI-style `key=value` strings.
     """
-    from cliptune.train.guard import owned_run  # training code is only imported by whoever trains
-    from cliptune.train.loop import fit
-    from cliptune.train.setup import build_trainer
+    from cliptune.train.logging import console_logging  # training code is only imported by whoever trains
+    from cliptune.train.loop import run_training
 
     console_logging()
-    cfg = resolve_config(config, overrides, **kwargs)
-    with owned_run(cfg.run_dir):
-        trainer = build_trainer(cfg, resume=resume)
-        results = fit(trainer, callbacks)
-    return {**results, "run_dir": str(trainer.run_dir)}
+    return run_training(resolve_config(config, overrides, **kwargs), resume=resume, callbacks=callbacks)
 
 
 def is_labelled_images(path: str | Path) -> bool:
@@ -119,16 +87,6 @@ def evaluate(
     suite.warn_degenerate()  # one image, or one class: the score means nothing
     (results,) = suite.run(encoding).values()
     return results
-
-
-def console_logging() -> None:
-    logger = logging.getLogger("cliptune")
-    if not logger.handlers:
-        handler = logging.StreamHandler()
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-        logger.addHandler(handler)
-        logger.setLevel(logging.INFO)
-        logger.propagate = False  # libraries that call logging.basicConfig would print every line twice
 
 
 __all__ = ["evaluate", "finetune", "load", "resolve_config"]

@@ -1005,6 +1005,33 @@ def load(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
         raise ConfigError(f"{path}: {e}") from None
 
 
+def _overrides(kwargs: dict[str, Any]) -> dict[str, Any]:
+    """finetune(..., optim={"lr": 1e-4}, name="x") or finetune(..., **{"optim.lr": 1e-4}) as nested data."""
+    nested: dict[str, Any] = {}
+    for key, value in kwargs.items():
+        parts = key.replace("__", ".").split(".")
+        node = nested
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = value
+    return nested
+
+
+def resolve_config(
+    source: str | Path | dict[str, Any] | RunConfig, overrides: list[str] | None = None, **kwargs: Any
+) -> RunConfig:
+    """A config file, plain data or RunConfig, with keyword sections (`finetune()`'s) and CLI-style overrides."""
+    if isinstance(source, RunConfig):
+        data = to_dict(source)
+    elif isinstance(source, dict):
+        data = source
+    else:
+        path = Path(source)
+        base = load(path)  # validates the file on its own, so errors name it
+        data = to_dict(base)
+    return build(merge(data, _overrides(kwargs)), overrides)
+
+
 def dump(cfg: RunConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

@@ -132,3 +132,14 @@ def evaluations(run_dir: Path) -> list[Evaluation]:
         values = {k: v for k, v in rec.items() if k not in ("epoch", "step", "eval")}
         out.setdefault(rec["step"], Evaluation(rec["epoch"], rec["step"])).results[rec["eval"]] = values
     return [out[step] for step in sorted(out)]
+
+
+def console_logging() -> None:
+    """Progress lines of the `cliptune` logger on the console at INFO (once: a second call adds nothing)."""
+    logger = logging.getLogger("cliptune")
+    if not logger.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False  # libraries that call logging.basicConfig would print every line twice

@@ -15,6 +15,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from cliptune.config import RunConfig
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.models.base import ENCODERS
@@ -25,9 +26,10 @@ from cliptune.train.distributed import barrier, broadcast_object
 from cliptune.train.finish import finish
 from cliptune.train.forward import Batch
 from cliptune.train.gradcache import chunked_backward
+from cliptune.train.guard import owned_run
 from cliptune.train.logging import epoch_text, log
 from cliptune.train.runs import DONE, FAILED, INTERRUPTED, session_ended, session_started
-from cliptune.train.setup import Callback, Trainer
+from cliptune.train.setup import Callback, Trainer, build_trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
 from cliptune.tuning.wise import initial_state
 from cliptune.utils.precision import autocast
@@ -339,6 +341,15 @@ def fit(trainer: Trainer, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any
         raise
     session_ended(trainer.run_dir, DONE)
     return results
+
+
+def run_training(cfg: RunConfig, resume: bool = False, callbacks: tuple[Callback, ...] = ()) -> dict[str, Any]:
+    """Set the run up and fit it, holding its folder; results.json's content plus `run_dir` (only `run_dir` on the
+    other processes of a multi-process run)."""
+    with owned_run(cfg.run_dir):
+        trainer = build_trainer(cfg, resume=resume)
+        results = fit(trainer, callbacks)
+    return {**results, "run_dir": str(trainer.run_dir)}
 
 
 def _fit(trainer: Trainer) -> dict[str, Any]:

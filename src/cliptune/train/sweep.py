@@ -173,7 +173,7 @@ class _Reporter:
 def _objective(base: RunConfig, folder: Path, space: list[Param]) -> Any:
     import optuna
 
-    from cliptune.api import finetune
+    from cliptune.train.loop import run_training
     from cliptune.train.runs import PRUNED, session_ended
 
     def objective(trial: optuna.Trial) -> float:
@@ -181,7 +181,7 @@ def _objective(base: RunConfig, folder: Path, space: list[Param]) -> Any:
         cfg = trial_config(base, folder, trial.number, params)
         log.info("sweep: trial %d: %s", trial.number, params)
         try:
-            results = finetune(cfg, callbacks=(_Reporter(trial),))
+            results = run_training(cfg, callbacks=(_Reporter(trial),))
         except optuna.TrialPruned as pruned:
             session_ended(cfg.run_dir, PRUNED, str(pruned))
             log.info("sweep: trial %d %s", trial.number, pruned)
@@ -220,10 +220,10 @@ def run_sweep(
     """
     from optuna.trial import TrialState
 
-    from cliptune.api import console_logging, resolve_config
+    from cliptune.train.logging import console_logging
 
     console_logging()
-    base = resolve_config(config, overrides)
+    base = config_mod.resolve_config(config, overrides)
     params = read_space(space)
     startup_trials, warmup_evals = _pruning(trials, startup_trials, warmup_evals)
     evaluated = base.eval.validation or base.eval.retrieval or base.eval.zeroshot or base.data.validation_split
