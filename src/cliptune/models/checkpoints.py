@@ -1,5 +1,6 @@
-"""Finding a run's epoch checkpoints and reading the model weights in one: the part of the checkpoint format that
-loading a model needs (`cliptune.load` of an interrupted run reads its newest checkpoint's weights).
+"""A run's epoch checkpoint folders: their names, finding the newest, and reading the model weights in one. It is the
+part of the checkpoint format that loading a model needs (`cliptune.load` of an interrupted run reads its newest
+checkpoint's weights).
 
 It sits below inference and training alike, so that loading a model never imports training code;
 `train/checkpoint.py` writes the checkpoints and reads the training state beside the weights.
@@ -29,6 +30,11 @@ class CheckpointError(ValueError):
 
 def checkpoint_folder(run_dir: Path) -> Path:
     return run_dir / CHECKPOINTS
+
+
+def epoch_folder(epoch: int, step: int, mid_epoch: bool) -> str:
+    """`epoch_N` after N whole epochs; `epoch_E_step_S` for a mid-epoch checkpoint (E whole epochs, S steps done)."""
+    return f"epoch_{epoch}_step_{step}" if mid_epoch else f"epoch_{epoch}"
 
 
 def list_checkpoints(folder: Path) -> list[Path]:

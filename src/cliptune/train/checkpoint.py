@@ -1,6 +1,6 @@
-"""Epoch checkpoints: the one writer of everything a checkpoint holds, and the reader of all but the model weights
-(`models/checkpoints.py` finds the newest checkpoint and reads its weights: loading a model needs that), with no
-pickle anywhere.
+"""Epoch checkpoints: writing them, and reading back the training state, with no pickle anywhere. Their folder names,
+finding the newest and reading its model weights are `models/checkpoints.py`'s, as loading a model needs them and
+must not import training code.
 
 A checkpoint is a folder `checkpoints/epoch_N/` written in one rename:
 - `model.safetensors`: the model's weights;
@@ -32,6 +32,7 @@ from cliptune.models.checkpoints import (
     WEIGHTS,
     CheckpointError,
     checkpoint_folder,
+    epoch_folder,
     list_checkpoints,
     load_weights,
 )
@@ -184,7 +185,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
 def save_checkpoint(trainer: Trainer) -> Path:
     """Write the checkpoint of `trainer.state` in one rename, point `latest` at it and prune the oldest."""
     folder, state = checkpoint_folder(trainer.run_dir), trainer.state
-    target = folder / (f"epoch_{state.epoch}" if state.batch == 0 else f"epoch_{state.epoch}_step_{state.step}")
+    target = folder / epoch_folder(state.epoch, state.step, mid_epoch=state.batch != 0)
     with atomic_dir(target) as tmp:
         weights = state_for_saving(trainer.model)
         with writing(tmp / WEIGHTS, tensor_bytes(weights)):
