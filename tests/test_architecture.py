@@ -198,6 +198,7 @@ def test_model_libraries_are_the_backends_business(package):
 def test_importing_the_lower_packages_loads_no_training_code():
     code = (
         "import sys, cliptune.models, cliptune.data, cliptune.losses, cliptune.eval, cliptune.tuning.strategies, "
+        "cliptune.inference, cliptune.export, cliptune.index, "
         "cliptune.tuning.param_groups, cliptune.tuning.lora, cliptune.tuning.wise, cliptune.tuning.ema;"
         "print(sorted(m for m in sys.modules if m.startswith('cliptune.train')))"
     )
