@@ -17,6 +17,7 @@ from cliptune.data import (
     CaptionTable,
     DataError,
     ImageFiles,
+    Skip,
     TrainPairs,
     collate_skip_none,
     load_rgb,
@@ -281,12 +282,13 @@ def test_train_pairs_vanished_image_and_collate(tmp_path: Path, caplog: pytest.L
     pairs = TrainPairs(table, pixel_transform, char_tokenize, seed=0)
     with caplog.at_level(logging.WARNING, logger="cliptune.data"):
         batch = [pairs[i] for i in range(3)] + [pairs[1]]
-    assert batch[1] is None and batch[3] is None
+    assert isinstance(batch[1], Skip) and batch[1] == batch[3] and batch[1].name == str(table.images[1])
     assert pairs.failed == {table.images[1]} and pairs.skipped == 2
     assert sum("1.png" in r.getMessage() for r in caplog.records) == 1  # logged once per path
-    images, tokens = collate_skip_none(batch)
-    assert images.shape == (2, 3) and tokens.shape == (2, 16)
-    assert collate_skip_none([None, None]) is None
+    collated = collate_skip_none(batch)
+    images, tokens = collated
+    assert images.shape == (2, 3) and tokens.shape == (2, 16) and collated.skipped == (batch[1], batch[3])
+    assert not collate_skip_none([batch[1], batch[3]]) and collate_skip_none([batch[1]]).skipped == (batch[1],)
     loader = torch.utils.data.DataLoader(pairs, batch_size=3, collate_fn=collate_skip_none)
     assert next(iter(loader))[0].shape[0] == 2
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import tarfile
 from pathlib import Path
 
@@ -15,7 +16,7 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from torchvision.transforms import ToTensor
 
-from cliptune.data import CaptionTable, DataError, TrainPairs, collate_skip_none, load_rgb
+from cliptune.data import CaptionTable, DataError, Skip, TrainPairs, collate_skip_none, load_rgb
 from cliptune.data.shards import ShardStream, main, write_shards
 
 N_GOOD = 23
@@ -178,8 +179,16 @@ def test_corrupt_image_in_a_shard_is_skipped_and_counted(data: dict, tmp_path: P
             sink.write({"__key__": f"{index:09d}", "png": image.read_bytes(), "json": {"captions": ["x"], "key": 0}})
         sink.write({"__key__": "broken", "png": b"\x89PNG garbage", "json": {"captions": ["y"], "key": 1}})
     ds = stream(data, [shard])
-    assert sorted(identify(data, s)[0] for s in ds) == data["good"][:3]
-    assert ds.skipped == 1
+    items = list(ds)
+    skips = [s for s in items if isinstance(s, Skip)]
+    assert sorted(identify(data, s)[0] for s in items if s not in skips) == data["good"][:3]
+    assert ds.skipped == 1 and len(skips) == 1 and skips[0].name == f"{shard}: broken"
+    assert "could not be decoded" in skips[0].reason
+    batch = collate_skip_none(items)  # the stand-in keeps the stream's length, and the batch names it
+    assert len(batch[0]) == 3 and batch.skipped == tuple(skips)
+    # read in a worker process, the skip still reaches the main process with its batch
+    loader = DataLoader(stream(data, [shard]), batch_size=4, num_workers=2, collate_fn=collate_skip_none)
+    assert [(len(b[0]), b.skipped) for b in loader] == [(3, tuple(skips))]
     with pytest.raises(DataError, match="manifest"):
         ds.num_samples  # noqa: B018  (no manifest beside this shard)
 
@@ -244,5 +253,6 @@ def test_captions_under_another_json_key(data: dict, tmp_path: Path) -> None:
             sink.write({"__key__": f"{index:09d}", "png": image.read_bytes(), "json": {"text": f"shape {index}"}})
     got = sorted(identify(data, s) for s in stream(data, [shard], caption_key="text"))
     assert got == [(i, f"shape {i}") for i in sorted(data["good"][:3])]
-    with pytest.raises(DataError, match=r"no json 'captions'.*json keys: 'text'.*data.shard_caption_key"):
-        next(iter(stream(data, [shard])))
+    skips = list(stream(data, [shard]))
+    assert len(skips) == 3 and all(isinstance(s, Skip) for s in skips)
+    assert re.search(r"no json 'captions'.*json keys: 'text'.*data.shard_caption_key", skips[0].reason)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import webdataset as wds
 
 import cliptune
 from cliptune.api import resolve_config
@@ -137,6 +138,34 @@ def test_training_from_shards(shapes, tmp_path):
     cfg = tiny_run(shapes, tmp_path, "stream", data={"train": None, "shards": str(tmp_path / "shards")})
     results = cliptune.finetune(cfg)
     assert results["run"]["steps"] == 96 // 16  # one process, no workers: one stream of all 96 samples
+
+
+def test_samples_skipped_while_streaming_are_counted_and_named_like_a_tables(shapes, tmp_path):
+    """A shard holding a corrupt image and a sample without captions: both skipped, counted in results.json and
+    named there and in summary.md, where a table's skipped images are."""
+    from cliptune.config import TableSpec
+    from cliptune.data import CaptionTable, read_caption_table
+    from cliptune.data.shards import MANIFEST, write_shards
+
+    table = read_caption_table(TableSpec(path=str(shapes / "train.csv")))
+    table = CaptionTable(images=table.images[:94], captions=table.captions[:94], name="train")
+    out = tmp_path / "shards"
+    write_shards(table, out, max_count=20)
+    bad = out / "shard-000099.tar"  # 94 + 2 samples: six full batches of 16 read every record
+    with wds.TarWriter(str(bad)) as sink:
+        sink.write({"__key__": "broken", "png": b"\x89PNG garbage", "json": {"captions": ["a broken image"]}})
+        sink.write({"__key__": "uncaptioned", "png": table.images[0].read_bytes(), "json": {"key": 7}})
+    manifest = json.loads((out / MANIFEST).read_text())
+    manifest["shards"].append({"name": bad.name, "samples": 2})
+    (out / MANIFEST).write_text(json.dumps(manifest))
+    cfg = tiny_run(shapes, tmp_path, "stream", data={"train": None, "shards": str(out)})
+    run = cliptune.finetune(cfg)["run"]
+    assert (run["steps"], run["skipped_samples"], run["skipped_images"]) == (6, 2, None)
+    names = sorted(run["skipped_first"])
+    assert names[0].startswith(f"{bad}: broken (its image 'png' could not be decoded")
+    assert names[1].startswith(f"{bad}: uncaptioned (no captions (no json 'captions'")
+    summary = (tmp_path / "stream" / "summary.md").read_text()
+    assert "Training data: 2 samples skipped while training" in summary and all(n in summary for n in names)
 
 
 @pytest.mark.parametrize(

@@ -164,6 +164,10 @@ def test_corrupt_and_missing_training_images_are_skipped_and_counted(shapes, tmp
     cfg["eval"]["retrieval"] = []
     out = cliptune.finetune(cfg)
     assert out["run"]["skipped_images"] == 2 and out["run"]["train_images"] == 96
+    named = [f"{tmp_path / 'broken.png'} (unreadable or not an image)", f"{tmp_path / 'gone.png'} (does not exist)"]
+    assert out["run"]["skipped_first"] == named
+    summary = (Path(out["run_dir"]) / "summary.md").read_text()
+    assert "Training data: 2 images skipped when the table was read; first: " + "; ".join(named) in summary
 
 
 def test_bad_training_table_fails_before_any_work(shapes, tmp_path):

@@ -1,7 +1,7 @@
 """Data loading for cliptune: caption tables, labelled image sets and the torch datasets over them."""
 
 from cliptune.data.classification import LabelledImages, read_classification
-from cliptune.data.datasets import ImageFiles, TrainPairs, collate_skip_none
+from cliptune.data.datasets import ImageFiles, Skip, TrainPairs, collate_skip_none
 from cliptune.data.errors import DataError
 from cliptune.data.images import is_readable, load_rgb
 from cliptune.data.tables import CaptionTable, read_caption_table
@@ -11,6 +11,7 @@ __all__ = [
     "DataError",
     "ImageFiles",
     "LabelledImages",
+    "Skip",
     "TrainPairs",
     "collate_skip_none",
     "is_readable",

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import random
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +56,28 @@ def sample_seed(seed: int, epoch: int, index: int | str) -> int:
     return random.Random(f"augment:{seed}:{epoch}:{index}").getrandbits(63)
 
 
+@dataclass(frozen=True)
+class Skip:
+    """Stands in for a training sample its dataset could not give: which one (a path, or a shard and key) and why.
+
+    A dataset returns it rather than dropping the sample, so that `collate_skip_none` lists it on the batch: the
+    trainer then counts and names skips in the main process even when DataLoader workers do the loading, and a
+    stream keeps the length its manifest promised (every rank plans its steps from that).
+    """
+
+    name: str
+    reason: str
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.reason})"
+
+
+class Collated(tuple):
+    """A batch: the stacked columns of its samples, and `skipped`, the `Skip`s dropped from it."""
+
+    skipped: tuple[Skip, ...] = ()
+
+
 class TrainPairs(Dataset):
     """(image tensor, 1-D token tensor) per image of a table; the caption is drawn from (seed, epoch, index).
 
@@ -71,10 +94,10 @@ class TrainPairs(Dataset):
     sample is augmented the same way whatever the number of workers or processes (a 2-process run sees exactly the
     images a 1-process run does) and a resumed run replays it.
 
-    An image that fails to load here (deleted or corrupt since the table was checked) gives `None`, which
-    `collate_skip_none` drops. `failed` holds the paths that failed and `skipped` counts the `None` samples,
-    both in the process that loaded them: with DataLoader workers they stay in the workers, and the main
-    process sees a failure only as a batch shorter than requested.
+    An image that fails to load here (deleted or corrupt since the table was checked) gives a `Skip`, which
+    `collate_skip_none` drops and lists on the batch. `failed` holds the paths that failed and `skipped` counts the
+    skipped samples, both in the process that loaded them (with DataLoader workers they stay in the workers; the
+    main process sees the batch's `skipped`).
     """
 
     def __init__(
@@ -157,7 +180,7 @@ class TrainPairs(Dataset):
             extras += self._negatives(index)
         return extras
 
-    def _image(self, index: int) -> torch.Tensor | None:
+    def _image(self, index: int) -> torch.Tensor | Skip:
         if self.image_features is not None:
             return self.image_features[index]
         path = self.table.images[index]
@@ -168,13 +191,13 @@ class TrainPairs(Dataset):
             if path not in self.failed:
                 self.failed.add(path)
                 logger.warning("%s: could not be loaded (%s); skipping it in training", path, e)
-            return None
+            return Skip(str(path), f"could not be loaded: {e}")
         return seeded_transform(self.transform, image, sample_seed(self.seed, self.epoch, index))
 
-    def __getitem__(self, index: int) -> Sample | None:
+    def __getitem__(self, index: int) -> Sample | Skip:
         image = self._image(index)
-        if image is None:
-            return None
+        if isinstance(image, Skip):
+            return image
         return image, self._text(index), *self._extras(index)
 
 
@@ -195,16 +218,16 @@ def seeded_transform(transform: Transform, image: Image.Image, seed: int) -> tor
         np.random.set_state(np_state)
 
 
-def collate_skip_none(batch: Sequence[tuple[torch.Tensor, ...] | None]) -> tuple[torch.Tensor, ...] | None:
-    """Stack the non-None samples field by field; None when every sample failed (the caller skips that step).
+def collate_skip_none(batch: Sequence[Sample | Skip | None]) -> Collated:
+    """Stack the given samples field by field, dropping `Skip`s (and Nones) but listing the `Skip`s on the result.
 
-    The number dropped is `len(batch) - result[0].shape[0]`; in the main process that is
-    `batch_size - images.shape[0]` (exact with `drop_last=True`).
+    The number dropped is `len(batch) - len(result[0])`; in the main process that is `batch_size - images.shape[0]`
+    (exact with `drop_last=True`). When every sample was dropped the result is empty (falsy): the caller skips it.
     """
-    kept = [sample for sample in batch if sample is not None]
-    if not kept:
-        return None
-    return tuple(torch.stack(column) for column in zip(*kept))
+    kept = [sample for sample in batch if sample is not None and not isinstance(sample, Skip)]
+    out = Collated(torch.stack(column) for column in zip(*kept))
+    out.skipped = tuple(sample for sample in batch if isinstance(sample, Skip))
+    return out
 
 
 class ImageFiles(Dataset):

@@ -30,8 +30,10 @@ Resampling (`resample=True`) draws shards with replacement (webdataset's `Resamp
 (seed, epoch, rank, worker)) and every rank yields exactly `samples_per_epoch // world_size` samples (the workers of a
 rank share that quota), so all ranks take the same number of steps by construction.
 
-An image that does not decode is skipped and counted in `skipped` (in the process that read it: with DataLoader
-workers the counts stay in the workers, as with `TrainPairs`). Call `set_epoch` before each epoch's DataLoader
+A record whose image does not decode, or that has no captions (or unreadable json), is skipped: counted in `skipped`
+and named in `failed` (in the process that read it), and yielded as a `Skip` in its place, which `collate_skip_none`
+drops and lists on the batch, as with `TrainPairs`; so the trainer counts and names it, and every worker yields as
+many items as the manifest says. Call `set_epoch` before each epoch's DataLoader
 iterator is created, and do not use `persistent_workers=True`: workers copy the dataset when they start, so a
 persistent worker would never see the new epoch.
 
@@ -55,10 +57,10 @@ from urllib.request import url2pathname
 
 import torch
 import webdataset as wds
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import IterableDataset
 
-from cliptune.data.datasets import Tokenize, Transform, caption_index, sample_seed, seeded_transform
+from cliptune.data.datasets import Skip, Tokenize, Transform, caption_index, sample_seed, seeded_transform
 from cliptune.data.errors import DataError
 from cliptune.data.images import log_skipped, to_rgb
 from cliptune.data.tables import CaptionTable
@@ -299,19 +301,16 @@ class ShardStream(IterableDataset):
             stages.append(wds.shuffle(self.shuffle_buffer, initial=self.shuffle_buffer, seed=slot))
         return [*stages, wds.map(self._sample)]
 
-    def _sample(self, raw: dict[str, Any]) -> tuple[torch.Tensor, ...] | None:
-        """The training sample of one tar record, or None (skipped, counted) when its image does not decode."""
+    def _sample(self, raw: dict[str, Any]) -> tuple[torch.Tensor, ...] | Skip:
+        """The training sample of one tar record, or a `Skip` naming it (counted, warned once) when its json, image
+        or captions cannot be read: the trainer counts and names it like a table's unreadable image."""
         where = f"{raw.get('__url__')}: {raw['__key__']}"
         try:
             meta = json.loads(raw["json"]) if "json" in raw else {}
             image = _decode(raw)
+            captions = _captions(meta, raw, self.caption_key)
         except Exception as e:
-            self.skipped += 1
-            if where not in self.failed:
-                self.failed.add(where)
-                logger.warning("%s: could not be decoded (%s); skipping it in training", where, e)
-            return None
-        captions = _captions(meta, raw, where, self.caption_key)
+            return self._skip(where, e)
         key = meta.get("key", raw["__key__"])
         tokens = self.tokenize([captions[caption_index(self.seed, self.epoch, key, len(captions))]])
         # augmentation seeded per (seed, epoch, sample), as TrainPairs does: the same whatever the ranks and workers
@@ -323,17 +322,29 @@ class ShardStream(IterableDataset):
             raise DataError(f"{where}: with_labels=True but the sample has no label; write the shards with labels=")
         return *sample, torch.tensor(meta["label"])
 
+    def _skip(self, where: str, error: Exception) -> Skip:
+        self.skipped += 1
+        if where not in self.failed:
+            self.failed.add(where)
+            logger.warning("%s: %s; skipping it in training", where, error)
+        return Skip(where, str(error))
+
 
 def _decode(raw: dict[str, Any]) -> Image.Image:
     fields = sorted(k for k in raw if not k.startswith("__") and k not in _NON_IMAGE_FIELDS)
     if not fields:
         raise ValueError("the sample has no image file")
-    with Image.open(io.BytesIO(raw[fields[0]])) as image:
-        image.load()
-        return to_rgb(image)
+    try:
+        with Image.open(io.BytesIO(raw[fields[0]])) as image:
+            image.load()
+            return to_rgb(image)
+    except UnidentifiedImageError as e:  # its message names a BytesIO object's address, which helps nobody
+        raise ValueError(f"its image {fields[0]!r} could not be decoded (not an image format PIL reads)") from e
+    except Exception as e:
+        raise ValueError(f"its image {fields[0]!r} could not be decoded ({e})") from e
 
 
-def _captions(meta: dict[str, Any], raw: dict[str, Any], where: str, key: str = "captions") -> list[str]:
+def _captions(meta: dict[str, Any], raw: dict[str, Any], key: str = "captions") -> list[str]:
     """The json's caption list (or single caption) under `key`, else the `.txt` caption of shards written by other
     tools (img2dataset)."""
     value = meta.get(key)
@@ -342,13 +353,11 @@ def _captions(meta: dict[str, Any], raw: dict[str, Any], where: str, key: str = 
     if isinstance(value, list) and value and all(isinstance(c, str) for c in value):
         return list(value)
     if value:
-        raise DataError(f"{where}: json {key!r} is {type(value).__name__}; it must be a caption or a list of them")
+        raise DataError(f"json {key!r} is {type(value).__name__}; it must be a caption or a list of them")
     if "txt" in raw:
         return [raw["txt"].decode("utf-8")]
     found = ", ".join(repr(k) for k in meta) or "none"
-    raise DataError(
-        f"{where}: no captions (no json {key!r}, no .txt file; json keys: {found}); set data.shard_caption_key"
-    )
+    raise DataError(f"no captions (no json {key!r}, no .txt file; json keys: {found}); set data.shard_caption_key")
 
 
 def _every(items: Any, start: int, step: int) -> Any:

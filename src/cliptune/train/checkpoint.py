@@ -175,6 +175,7 @@ def training_state(trainer: Trainer) -> dict[str, Any]:
         "optimizer": trainer.optimizer.state_dict(),
         "scheduler": trainer.scheduler.state_dict(),
         "skipped_samples": trainer.skipped_samples,
+        "skipped_first": trainer.skipped_first,
         "ema": trainer.ema.state_dict() if trainer.ema is not None else None,
         "objective": trainer.objective.state_dict(),
         "selection": trainer.selection.state_dict() if trainer.selection is not None else None,

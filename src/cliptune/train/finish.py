@@ -9,6 +9,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from cliptune.config import VALIDATION_SPLIT
+from cliptune.data.images import describe_unreadable
 from cliptune.models import ClipModel, save_model
 from cliptune.train.checkpoint import load_best
 from cliptune.train.logging import epoch_text, log
@@ -105,8 +106,15 @@ def _run_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
         "validation_images": next((len(t) for t in trainer.validation.retrieval if t.name == VALIDATION_SPLIT), None),
         "skipped_images": len(table.skipped) if table is not None else None,
         "skipped_samples": trainer.skipped_samples,
+        "skipped_first": _skipped_first(trainer),
         "seconds_this_session": round(seconds, 1),
         "device": str(trainer.device),
         "precision": trainer.cfg.runtime.precision,
         "trainable_parameters": trainer.trainable_parameters,
     }
+
+
+def _skipped_first(trainer: Trainer) -> list[str]:
+    """The first few skips, named: images the training table skipped when read, then samples skipped in training."""
+    read = [describe_unreadable(p) for p in trainer.train_table.skipped] if trainer.train_table is not None else []
+    return (read + trainer.skipped_first)[:5]

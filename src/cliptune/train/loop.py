@@ -16,6 +16,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from cliptune.config import RunConfig
+from cliptune.data import DataError, Skip
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.models.base import ENCODERS
@@ -33,6 +34,9 @@ from cliptune.train.setup import Callback, Trainer, build_trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
 from cliptune.tuning.wise import initial_state
 from cliptune.utils.precision import autocast
+
+# Skipped samples named in results.json and summary.md (all of them are counted; each is warned when it is read).
+_NAMED_SKIPS = 5
 
 
 def _call(trainer: Trainer, kind: str, *inputs: torch.Tensor) -> Any:
@@ -135,13 +139,15 @@ def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
     # images; counting here rather than in the dataset also works when worker processes do the loading.
     expected = loader.batch_size or loader.batch_sampler.local_size
     # A stream stops at the step count every rank reaches (shards split unevenly); a table's loader is that long.
+    kept = read = 0
     for batch in batches:
         trainer.state.batch += 1
-        got = 0 if batch is None else len(batch[0])
-        trainer.skipped_samples += expected - got
+        got = len(batch[0]) if batch else 0
+        kept, read = kept + got, read + expected
+        _count_skips(trainer, expected - got, batch.skipped)
         if got < 2 and not trainer.where.distributed:  # a contrastive step needs at least one negative
             continue
-        if batch is None:  # one process cannot skip a step the others take: their collectives would wait forever
+        if not batch:  # one process cannot skip a step the others take: their collectives would wait forever
             raise RuntimeError(
                 f"every image of this process's batch at step {trainer.state.step} failed to load (see the warnings "
                 "above); remove or repair those files and resume with --resume"
@@ -153,6 +159,20 @@ def _batches(trainer: Trainer, epoch: int) -> Iterator[Batch]:
         if trainer.cfg.runtime.channels_last:
             out.images = out.images.contiguous(memory_format=torch.channels_last)
         yield out
+    if read and not kept:
+        raise DataError(
+            f"every one of the {read} training samples read in epoch {epoch + 1} was skipped (first: "
+            f"{trainer.skipped_first[0] if trainer.skipped_first else 'see the warnings above'}); fix the training "
+            "data (for shards: the images, or data.shard_caption_key)"
+        )
+
+
+def _count_skips(trainer: Trainer, count: int, skipped: tuple[Skip, ...]) -> None:
+    """Count a batch's skipped samples and keep the first few names for the run's report (results.json, summary.md)."""
+    trainer.skipped_samples += count
+    for skip in skipped:
+        if len(trainer.skipped_first) < _NAMED_SKIPS and str(skip) not in trainer.skipped_first:
+            trainer.skipped_first.append(str(skip))
 
 
 def train_epoch(trainer: Trainer, epoch: int) -> None:

@@ -55,6 +55,7 @@ def summary_markdown(results: dict[str, Any], title: str) -> str:
     baseline, final, last = results["baseline"], results["final"], results["last"]
     selection = results.get("selection")
     lines = [f"# {title}: before and after fine-tuning", "", *_selection_lines(selection), ""]
+    lines += _skip_lines(results.get("run") or {})
     lines += _overflow_lines(results.get("text_overflow") or [])
     validation = set(selection["validation_sets"]) if selection else set()
     for name in final or last or baseline:
@@ -95,6 +96,19 @@ def _selection_lines(selection: dict[str, Any] | None) -> list[str]:
     if selection.get("wise_alpha") is not None:
         lines.append(f"WiSE-FT: model/ is alpha {selection['wise_alpha']:g}, chosen on `{selection['metric']}`.")
     return lines
+
+
+def _skip_lines(run: dict[str, Any]) -> list[str]:
+    """What the training data lost: images skipped when its table was read, samples skipped while training."""
+    read, trained = run.get("skipped_images") or 0, run.get("skipped_samples") or 0
+    parts = [f"{read} images skipped when the table was read"] if read else []
+    if trained:
+        parts.append(f"{trained} samples skipped while training (a sample counts in every epoch that reads it)")
+    if not parts:
+        return []
+    first = "; ".join(run.get("skipped_first") or [])
+    line = f"Training data: {', '.join(parts)}; first: {first}. Each is named in a warning; repair or remove them."
+    return [line, ""]
 
 
 def _overflow_lines(counts: list[dict[str, Any]]) -> list[str]:

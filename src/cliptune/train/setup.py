@@ -68,8 +68,8 @@ def seed_everything(seed: int) -> None:
 @dataclass(kw_only=True)
 class Trainer:
     """What a run trains with. Everything is fixed when the run is set up except the step state: `state` (epoch,
-    step and batch, saved in checkpoints), `skipped_samples`, `selection`, the epoch's loss, and the weights inside
-    `model`, `optimizer`, `scheduler`, `ema`."""
+    step and batch, saved in checkpoints), `skipped_samples` / `skipped_first`, `selection`, the epoch's loss, and
+    the weights inside `model`, `optimizer`, `scheduler`, `ema`."""
 
     # fixed for the run
     cfg: RunConfig
@@ -94,6 +94,7 @@ class Trainer:
     # the step state
     state: TrainState = field(default_factory=TrainState)
     skipped_samples: int = 0
+    skipped_first: list[str] = field(default_factory=list)  # the first few skipped samples: name (reason)
     selection: Selection | None = None  # best and last evaluation, early stopping; saved in checkpoints
     epoch_loss: tuple[float, int] = (0.0, 0)  # this epoch's loss sum and step count, for its mean
     last_eval_step: int = -1
@@ -291,6 +292,7 @@ def build_trainer(cfg: RunConfig, resume: bool = False) -> Trainer:
         mixup=_mixup(cfg, model, where),
         state=state,
         skipped_samples=skipped,
+        skipped_first=list(rest.get("skipped_first", [])),
         validation=validation,
         selection=selection,
         resume_rng=rest.get("rng"),
