@@ -117,12 +117,16 @@ def describe_unreadable(path: Path) -> str:
     return f"{path} ({'unreadable or not an image' if path.exists() else 'does not exist'})"
 
 
+# Skipped images or samples named in one warning or report line (all of them are counted).
+FIRST_NAMED = 5
+
+
 def log_skipped(source: Path, skipped: Sequence[Path], total: int) -> None:
-    """One warning for all the images of `source` that were skipped, with the count and the first 5 paths."""
+    """One warning for all the images of `source` that were skipped, with the count and the first few paths."""
     if not skipped:
         return
-    first = ", ".join(str(p) for p in skipped[:5])
-    more = ", ..." if len(skipped) > 5 else ""
+    first = ", ".join(str(p) for p in skipped[:FIRST_NAMED])
+    more = ", ..." if len(skipped) > FIRST_NAMED else ""
     logger.warning(
         "%s: skipped %d of %d images that are missing or unreadable: %s%s",
         source,

@@ -9,7 +9,7 @@ from typing import Any
 from safetensors.torch import save_file
 
 from cliptune.config import VALIDATION_SPLIT
-from cliptune.data.images import describe_unreadable
+from cliptune.data.images import FIRST_NAMED, describe_unreadable
 from cliptune.models import ClipModel, save_model
 from cliptune.train.checkpoint import load_best
 from cliptune.train.logging import epoch_text, log
@@ -117,4 +117,4 @@ def _run_facts(trainer: Trainer, seconds: float) -> dict[str, Any]:
 def _skipped_first(trainer: Trainer) -> list[str]:
     """The first few skips, named: images the training table skipped when read, then samples skipped in training."""
     read = [describe_unreadable(p) for p in trainer.train_table.skipped] if trainer.train_table is not None else []
-    return (read + trainer.skipped_first)[:5]
+    return (read + trainer.skipped_first)[:FIRST_NAMED]

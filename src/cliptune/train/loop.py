@@ -17,6 +17,7 @@ from tqdm import tqdm
 
 from cliptune.config import RunConfig
 from cliptune.data import DataError, Skip
+from cliptune.data.images import FIRST_NAMED
 from cliptune.losses import MAX_LOGIT_SCALE
 from cliptune.losses.objective import Dense
 from cliptune.models.base import ENCODERS
@@ -34,9 +35,6 @@ from cliptune.train.setup import Callback, Trainer, build_trainer
 from cliptune.tuning.locking import set_train_mode, trainable_summary
 from cliptune.tuning.wise import initial_state
 from cliptune.utils.precision import autocast
-
-# Skipped samples named in results.json and summary.md (all of them are counted; each is warned when it is read).
-_NAMED_SKIPS = 5
 
 
 def _call(trainer: Trainer, kind: str, *inputs: torch.Tensor) -> Any:
@@ -171,7 +169,7 @@ def _count_skips(trainer: Trainer, count: int, skipped: tuple[Skip, ...]) -> Non
     """Count a batch's skipped samples and keep the first few names for the run's report (results.json, summary.md)."""
     trainer.skipped_samples += count
     for skip in skipped:
-        if len(trainer.skipped_first) < _NAMED_SKIPS and str(skip) not in trainer.skipped_first:
+        if len(trainer.skipped_first) < FIRST_NAMED and str(skip) not in trainer.skipped_first:
             trainer.skipped_first.append(str(skip))
 
 
