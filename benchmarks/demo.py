@@ -3,6 +3,7 @@
     make data/openclipart/manifest.json .venv/.installed   # the data set and the venv, built once
     python benchmarks/demo.py                  # the demo's steps as `make -n demo` lists them, each timed
     python benchmarks/demo.py --baseline       # also once with CLIPTUNE_MALLOC=system (glibc's defaults)
+    python benchmarks/demo.py --repeat 3       # the demo three times (wall times on a VM vary by ~20%)
 
 "Cold" is the README's sense: the data set is built, but `runs/.feature_cache` is removed first, so every image
 and caption goes through the locked towers. The commands are read from the Makefile (`make -n demo`), so this
@@ -68,14 +69,18 @@ def table(rows: dict[str, list[tuple[str, float]]]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--baseline", action="store_true", help="also run with CLIPTUNE_MALLOC=system")
+    parser.add_argument("--repeat", type=int, default=1, help="times to run the demo with cliptune's heap setting")
     parser.add_argument("--note", default="", help="conditions to record (e.g. other jobs on the machine)")
     args = parser.parse_args()
     commands = demo_commands()
-    rows = {"cliptune (heap kept)": run(commands, dict(os.environ))}
+    rows = {}
+    for i in range(args.repeat):
+        rows["cliptune (heap kept)" + (f", run {i + 1}" if args.repeat > 1 else "")] = run(commands, dict(os.environ))
     if args.baseline:
         rows["CLIPTUNE_MALLOC=system"] = run(commands, dict(os.environ, CLIPTUNE_MALLOC="system"))
     body = (
-        f"`python benchmarks/demo.py{' --baseline' if args.baseline else ''}` on {machine()}"
+        f"`python benchmarks/demo.py{' --baseline' if args.baseline else ''}"
+        f"{f' --repeat {args.repeat}' if args.repeat > 1 else ''}` on {machine()}"
         f"{'; ' + args.note if args.note else ''}. Cold: `runs/.feature_cache` removed first; data set and "
         "`.venv` already built. Wall time per step, interpreter start-up included.\n\n" + table(rows)
     )

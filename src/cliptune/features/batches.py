@@ -33,7 +33,7 @@ def default_workers(count: int, batch_size: int) -> int:
 def channels_last(model: torch.nn.Module, images: bool) -> Iterator[torch.memory_format]:
     """Run convolutions over image batches in channels-last layout; yields the layout for the input batches.
 
-    On CPU, channels-last convolutions are faster (EfficientNet-Lite0: 1.3x here, `benchmarks/search.py`) and equal
+    On CPU, channels-last convolutions are faster (EfficientNet-Lite0: 1.6x here, `benchmarks/search.py`) and equal
     to float rounding (3e-7); models without convolutions are left alone. A model converted here returns to its
     own layout afterwards, so training keeps the layout its config asked for.
     """
