@@ -2,6 +2,7 @@
 
 import csv
 import gzip
+import importlib.util
 import json
 import subprocess
 import sys
@@ -38,6 +39,15 @@ WORDS = ["a", "the", "red", "green", "blue", "big", "small", "square", "circle",
 WORDS += ["dog", "puppy", "cat", "on", "in", "of", "with", "and", "photo"]
 CAPTIONS = ["a red square", "a big blue circle on the green triangle", "a dog", "a small cat in a photo"]
 EMBED = 16
+
+
+def load_benchmark(name: str):
+    """The module of `benchmarks/NAME.py`, imported under `bench_NAME` (dataclasses look their module up by name)."""
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", ROOT / "benchmarks" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def save_tiny_bert(folder: Path) -> Path:

@@ -1,28 +1,15 @@
 """benchmarks/objectives.py: its result tables, table sampling, the count of trained parameters, and its configs."""
 
 import csv
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from cliptune.api import resolve_config
-from tests.helpers import ROOT
+from tests.helpers import load_benchmark
 
-_PATH = ROOT / "benchmarks" / "objectives.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_objectives", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("objectives")
 
 
 def table_rows(markdown: str) -> dict[str, list[str]]:

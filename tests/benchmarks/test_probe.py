@@ -4,27 +4,14 @@ Each case is one config value, YAML text, override, table, model folder or weigh
 none may end in a traceback, an error that names neither the key nor the file, a silent acceptance, or a hang.
 """
 
-import importlib.util
 import logging
-import sys
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_benchmark
 
-_PATH = ROOT / "benchmarks" / "probe.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_probe", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-probe = _load()
+probe = load_benchmark("probe")
 CASES = probe.fast_cases()
 
 

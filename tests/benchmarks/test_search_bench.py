@@ -1,23 +1,15 @@
 """benchmarks/search.py at a tiny scale: the build and faiss sections run and report what they measured."""
 
-import importlib.util
-import sys
-
 import pytest
 
 from cliptune.data.synthetic import make_shapes
 from cliptune.models import build_model, save_model
-from tests.helpers import ROOT, save_tiny_bert, tiny_config
-
-_PATH = ROOT / "benchmarks" / "search.py"
+from tests.helpers import load_benchmark, save_tiny_bert, tiny_config
 
 
 @pytest.mark.slow
 def test_search_benchmark_runs_small(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("bench_search", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("search")
     make_shapes(tmp_path, n_train=8, n_val=8, image_size=32)
     args = ["--data", str(tmp_path), "--model", "cliptune-tiny-vit", "--images", "8", "--sizes", "3000"]
     assert bench.main([*args, "--queries", "20", "--sections", "build", "ann", "--no-write"]) == 0
@@ -31,10 +23,7 @@ def test_search_benchmark_runs_small(tmp_path, capsys):
 @pytest.mark.slow
 def test_search_benchmark_encoding_section_runs_on_a_composed_model(tmp_path, capsys):
     """The encoding section drives the encoder's internals (the text batches it sorts by length): it must keep up."""
-    spec = importlib.util.spec_from_file_location("bench_search", _PATH)
-    bench = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = bench
-    spec.loader.exec_module(bench)
+    bench = load_benchmark("search")
     make_shapes(tmp_path, n_train=8, n_val=8, image_size=32)
     model = save_model(build_model(tiny_config(save_tiny_bert(tmp_path / "bert"))), tmp_path / "model")
     args = ["--data", str(tmp_path), "--model", str(model), "--images", "8", "--captions", "16"]

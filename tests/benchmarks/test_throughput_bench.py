@@ -1,26 +1,13 @@
 """benchmarks/throughput.py: reading step times from both trainers' logs, the variants, and a tiny real run."""
 
-import importlib.util
 import math
 import re
-import sys
 
 import pytest
 
-from tests.helpers import ROOT
+from tests.helpers import load_benchmark
 
-_PATH = ROOT / "benchmarks" / "throughput.py"
-
-
-def _load():
-    spec = importlib.util.spec_from_file_location("bench_throughput", _PATH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load()
+bench = load_benchmark("throughput")
 
 
 def openclip_line(done: int, total: int, batch: int, seconds: float, avg: float) -> str:

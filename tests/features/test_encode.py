@@ -1,11 +1,12 @@
 """Batched encoding: captions sorted by length and channels-last images give what one-at-a-time encoding gives."""
 
+import os
 from pathlib import Path
 
 import torch
 
 from cliptune.config import TowerConfig
-from cliptune.features import Encoding, channels_last
+from cliptune.features import Encoding, channels_last, default_workers
 from cliptune.models import build_model
 from tests.helpers import CAPTIONS, tiny_config
 
@@ -33,3 +34,12 @@ def test_channels_last_images_equal_and_layout_restored(bert_dir: Path, tmp_path
             converted = model.encode_image(pixels.contiguous(memory_format=layout))
     torch.testing.assert_close(converted, plain, atol=1e-5, rtol=0)
     assert conv.is_contiguous()  # back to the model's own layout for training
+
+
+def test_images_are_decoded_in_workers_only_for_sets_over_four_batches(monkeypatch):
+    """Worker start-up costs more than it saves on a few batches (`benchmarks/search.py`, search-encoding)."""
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert default_workers(4 * 64, 64) == 0
+    assert default_workers(4 * 64 + 1, 64) == 4  # at most 4 decoders
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert default_workers(1000, 64) == 2

@@ -1,6 +1,5 @@
 """End-to-end fine-tuning: the run directory, learning, checkpoints, and kill-and-resume equivalence."""
 
-import importlib.util
 import json
 from pathlib import Path
 
@@ -13,16 +12,12 @@ from safetensors.torch import load_file
 import cliptune
 from cliptune.config import ConfigError
 from cliptune.models.checkpoints import latest_checkpoint
-from tests.helpers import ROOT, cli, run_config, write_yaml
+from tests.helpers import cli, load_benchmark, run_config, write_yaml
 
 
 def _kill_resume():
     """benchmarks/kill_resume.py: its `paused` runner lets a test kill a run inside a checkpoint write."""
-    path = ROOT / "benchmarks" / "kill_resume.py"
-    spec = importlib.util.spec_from_file_location("bench_kill_resume", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark("kill_resume")
 
 
 RETRIEVAL = {"i2t_R@1", "i2t_R@5", "i2t_R@10", "t2i_R@1", "t2i_R@5", "t2i_R@10", "mean_recall"}
